@@ -93,7 +93,9 @@ class LossSecondMomentResampler(UniformSampler):
         self._probs_cache.clear()
 
     def state_dict(self) -> dict:
-        return {"loss_history": self._loss_history.copy(), "loss_counts": self._loss_counts.copy()}
+        # Tensors, not numpy arrays: checkpoints must load with torch.load(weights_only=True).
+        return {"loss_history": torch.from_numpy(self._loss_history.copy()),
+                "loss_counts": torch.from_numpy(self._loss_counts.copy())}
 
     def load_state_dict(self, state: dict) -> None:
         history = np.asarray(state["loss_history"], dtype=np.float64)

@@ -1,0 +1,45 @@
+"""`ddpm`: train, validate and test with LightningCLI; sample (and later evaluate) checkpoints."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """ddpm: DDPM / Improved DDPM on PyTorch Lightning.
+
+  ddpm fit --config experiments/<name>.yaml [--trainer.devices=8 --model.schedule=cosine ...]
+  ddpm validate | test --config ... --ckpt_path PATH
+  ddpm sample --ckpt_path PATH --num_samples N --output_dir DIR [--respacing 100] [--sampler ddpm|ddim] ...
+
+`ddpm fit --help` lists every training option with its default; `ddpm sample --help` the sampling ones.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `ddpm` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["sample"]:
+            from ddpm_lightning.commands.sample import run_sample
+
+            return run_sample(argv[1:])
+        if not argv or argv[0] in ("-h", "--help"):
+            print(USAGE)
+        from ddpm_lightning.config_bases import expand_config_bases
+        from ddpm_lightning.lightning_cli import DDPMCLI
+        from ddpm_lightning.module import DiffusionModule
+        from lightning import LightningDataModule
+
+        # LightningCLI reads sys.argv; hand it the expanded chain of --config files there.
+        sys.argv = sys.argv[:1] + expand_config_bases(argv)
+        DDPMCLI(DiffusionModule, LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        # Bad input is the user's to fix: one line naming it, unless a traceback is asked for.
+        if os.environ.get("DDPM_DEBUG"):
+            raise
+        print(f"ddpm: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Sub-commands of `ddpm` that are not Trainer methods."""

@@ -1,0 +1,35 @@
+"""The LightningCLI behind `ddpm fit | validate | test`."""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import ddpm_lightning.data  # noqa: F401  (registers the DataModules for short class_path names)
+
+
+class DDPMCLI(LightningCLI):
+    """Links the data's shape to the model and keeps checkpoints where `--ckpt_path last` finds them."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": -1,
+            "checkpoint.every_n_train_steps": 10000,
+            "checkpoint.filename": "step={step}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        # The network's input shape and label count are the data's, decided once, in the DataModule.
+        parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
+        parser.link_arguments("data.channels", "model.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.checkpoint.dirpath is None:
+            # A fixed folder (not the logger's version_N) so that `--ckpt_path last` resumes.
+            root = config.trainer.default_root_dir or os.getcwd()
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
