@@ -135,3 +135,37 @@ def test_every_config_file_is_covered():
 def test_command_line_overrides_beat_the_config(capsys):
     config = print_config("cifar10_ddpm", capsys, "--model.schedule=cosine", "--trainer.devices=8")
     assert config["model"]["schedule"] == "cosine" and str(config["trainer"]["devices"]) == "8"
+
+
+def test_image_size_the_net_cannot_take_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fit(tmp_path, "--data.init_args.image_size=12", "--trainer.fast_dev_run=1")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ddpm: error: preset 'tiny': attention_resolutions [8] never occur for image_size 12; the resolutions are [12, 6]")
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "ddpm sample"):
+        assert command in out
+
+
+def test_sampling_sharded_over_two_processes_gives_the_same_images(trained, tmp_path):
+    """`--devices 2` splits the samples over two ranks; per-sample seeds make the result identical."""
+    import subprocess
+    import sys
+
+    ddpm = str(Path(sys.executable).parent / "ddpm")
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    common = ["sample", "--ckpt_path", str(ckpt), "--respacing", "3", "--num_samples", "5", "--batch_size", "2",
+              "--accelerator", "cpu"]
+    for devices, out in (("1", "one"), ("2", "two")):
+        subprocess.run([ddpm, *common, "--devices", devices, "--output_dir", str(tmp_path / out)], check=True,
+                       capture_output=True, timeout=300)
+    one = np.load(tmp_path / "one" / "samples.npz")["arr_0"]
+    two = np.load(tmp_path / "two" / "samples.npz")["arr_0"]
+    assert one.shape == (5, 8, 8, 1)
+    np.testing.assert_array_equal(one, two)
+    assert not list((tmp_path / "two").glob(".shard-*"))

@@ -14,7 +14,7 @@ from ddpm_lightning.diffusion import (
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("T", [1, 50, 1000, 4000])
+@pytest.mark.parametrize("T", [21, 50, 1000, 4000])
 def test_schedule_is_float64_in_range(schedule, T):
     betas = get_named_beta_schedule(schedule, T)
     assert betas.dtype == np.float64 and betas.shape == (T,)
@@ -65,6 +65,9 @@ def test_unknown_schedule_lists_valid_names():
         get_named_beta_schedule("quadratic", 1000)
     with pytest.raises(ValueError, match="positive integer"):
         get_named_beta_schedule("linear", 0)
+    with pytest.raises(ValueError, match="linear schedule needs num_timesteps >= 21.*T=10 gives beta_T = 2"):
+        get_named_beta_schedule("linear", 10)
+    assert get_named_beta_schedule("cosine", 1).shape == (1,)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

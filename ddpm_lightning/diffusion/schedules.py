@@ -20,6 +20,9 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
         raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     if name == "linear":
         scale = 1000 / num_timesteps
+        if scale * 0.02 >= 1.0:
+            raise ValueError(f"the linear schedule needs num_timesteps >= 21 (its betas scale as 1000/T, "
+                             f"so T={num_timesteps} gives beta_T = {scale * 0.02:g})")
         return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
     if name == "cosine":
         return betas_for_alpha_bar(

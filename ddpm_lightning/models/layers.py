@@ -1,0 +1,125 @@
+"""UNet building blocks shared by DDPM (Ho et al., 2020) and ADM (Nichol & Dhariwal, 2021)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DOWNSAMPLE_PADDINGS = ("symmetric", "asymmetric")
+RESAMPLE_MODES = ("none", "up", "down")
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters, the output-layer initialisation of Ho et al. and Nichol & Dhariwal."""
+    # Zeroed output layers make every residual branch start as the identity, which both
+    # reference implementations rely on for stable early training.
+    for parameter in module.parameters():
+        parameter.detach().zero_()
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32, as improved-diffusion's GroupNorm32 (Nichol & Dhariwal)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Statistics in bf16/fp16 lose precision; upcasting is a no-op for float32 inputs.
+        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class EmbedBlock(nn.Module):
+    """Marker for layers whose forward takes the timestep embedding (Ho et al., 2020)."""
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # pragma: no cover - interface only
+        raise NotImplementedError
+
+
+class EmbedSequential(nn.Sequential):
+    """Sequential that passes the timestep embedding to the layers that take it (Ho et al., 2020)."""
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, EmbedBlock) else layer(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution, the downsampling of Ho et al. (2020) and Nichol & Dhariwal (2021)."""
+
+    def __init__(self, channels: int, padding: str = "symmetric") -> None:
+        super().__init__()
+        if padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"downsample padding {padding!r} is not one of {DOWNSAMPLE_PADDINGS}")
+        # DDPM's TensorFlow 'SAME' padding pads only bottom/right for even sizes (diffusers keeps it
+        # as downsample_padding=0); improved-diffusion pads 1 on every side.
+        self.pad_bottom_right = padding == "asymmetric"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.pad_bottom_right else 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pad_bottom_right:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 convolution (Ho et al., 2020)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class ResBlock(EmbedBlock):
+    """Residual block with timestep conditioning, Ho et al. (2020); scale-shift norm and
+    BigGAN-style resampling from Nichol & Dhariwal (2021) / Dhariwal & Nichol (2021)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        dropout: float = 0.0,
+        use_scale_shift_norm: bool = False,
+        resample: str = "none",
+        norm_groups: int = 32,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if resample not in RESAMPLE_MODES:
+            raise ValueError(f"resample {resample!r} is not one of {RESAMPLE_MODES}")
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.resample = resample
+        self.norm1 = GroupNorm32(norm_groups, in_channels, eps=norm_eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        # Scale-shift norm needs a scale and a shift per channel, hence twice the width.
+        self.emb_proj = nn.Linear(emb_channels, out_channels * (2 if use_scale_shift_norm else 1))
+        self.norm2 = GroupNorm32(norm_groups, out_channels, eps=norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def _resample(self, x: Tensor) -> Tensor:
+        # BigGAN-style blocks resample without weights; the convolutions that follow learn the rest.
+        if self.resample == "down":
+            return F.avg_pool2d(x, kernel_size=2)
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = F.silu(self.norm1(x))
+        if self.resample != "none":
+            # Resample after the activation, as guided-diffusion does, so both paths agree in size.
+            h, x = self._resample(h), self._resample(x)
+        h = self.conv1(h)
+        emb_out = self.emb_proj(F.silu(emb)).to(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            # Nichol & Dhariwal: norm(h) * (1 + scale) + shift, an adaptive GroupNorm.
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb_out)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
