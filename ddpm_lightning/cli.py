@@ -1,4 +1,4 @@
-"""`ddpm`: train, validate and test with LightningCLI; sample (and later evaluate) checkpoints."""
+"""`ddpm`: train, validate and test with LightningCLI; sample and evaluate checkpoints."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ USAGE = """ddpm: DDPM / Improved DDPM on PyTorch Lightning.
   ddpm fit --config experiments/<name>.yaml [--trainer.devices=8 --model.schedule=cosine ...]
   ddpm validate | test --config ... --ckpt_path PATH
   ddpm sample --ckpt_path PATH --num_samples N --output_dir DIR [--respacing 100] [--sampler ddpm|ddim] ...
+  ddpm evaluate --ckpt_path PATH[,PATH] --output_dir DIR --respacing 25,100,1000 --sampler ddpm,ddim \
+      --skip_fraction 0,0.2 --num_samples 50000 [--reference_stats PATH | --data ...] [--bpd]
 
-`ddpm fit --help` lists every training option with its default; `ddpm sample --help` the sampling ones.
+`ddpm fit --help` lists every training option with its default; `ddpm sample --help` and
+`ddpm evaluate --help` list theirs.
 """
 
 
@@ -19,6 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `ddpm` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["evaluate"]:
+            from ddpm_lightning.commands.evaluate import run_evaluate
+
+            return run_evaluate(argv[1:])
         if argv[:1] == ["sample"]:
             from ddpm_lightning.commands.sample import run_sample
 

@@ -126,13 +126,16 @@ class DiffusionModule(L.LightningModule):
             self.timestep_sampler.update_with_local_losses(t, losses["loss"].detach())
         loss = (losses["loss"] * weights).mean()
 
-        self.log("train/loss", loss, prog_bar=True)
-        for name in ("mse", "vb"):
-            if name in losses:
-                self.log(f"train/{name}", losses[name].mean())
         self.quartiles.update(t, losses)
         if self._should_log():
-            # The one host sync: per-quartile means, only at the log interval (improved-diffusion's loss_q0..q3).
+            # The only host syncs of a step, and only at the log interval: this step's means (one
+            # transfer, logged as floats so the progress bar never reads a device tensor) and the
+            # per-quartile-of-t means since the last log (improved-diffusion's loss_q0..q3).
+            names = [name for name in ("mse", "vb") if name in losses]
+            values = torch.stack([loss.detach()] + [losses[name].detach().mean() for name in names]).tolist()
+            self.log("train/loss", values[0], prog_bar=True)
+            for name, value in zip(names, values[1:]):
+                self.log(f"train/{name}", value)
             reduce_sum = lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")
             for key, value in self.quartiles.compute_and_reset(reduce_sum).items():
                 self.log(f"train/{key}", value)

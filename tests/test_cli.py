@@ -46,6 +46,17 @@ def test_resume_continues_the_step_count(trained):
     assert resumed["timestep_sampler"]["loss_counts"].sum() > counts_first > 0
 
 
+def test_losses_are_logged_per_quartile_of_t(trained):
+    import csv
+
+    rows = [row for path in sorted(trained[0].glob("lightning_logs/version_*/metrics.csv"))
+            for row in csv.DictReader(path.open())]
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"train/loss", "train/mse", "train/loss_q0", "train/loss_q3"} <= logged
+    steps = sorted({int(row["step"]) for row in rows if row.get("train/loss")})
+    assert steps == list(range(8))  # log_every_n_steps=1, across the resume
+
+
 def sample(ckpt, out, *extra):
     main(["sample", "--ckpt_path", str(ckpt), "--output_dir", str(out), "--respacing", "5", *extra])
     return np.load(out / "samples.npz")["arr_0"]
@@ -169,3 +180,13 @@ def test_sampling_sharded_over_two_processes_gives_the_same_images(trained, tmp_
     assert one.shape == (5, 8, 8, 1)
     np.testing.assert_array_equal(one, two)
     assert not list((tmp_path / "two").glob(".shard-*"))
+
+
+def test_evaluate_through_the_ddpm_command(trained, tmp_path, capsys):
+    ckpt = str(trained[0] / "checkpoints" / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--ckpt_path", ckpt, "--output_dir", str(tmp_path), "--respacing", "5,x",
+              "--reference_stats", str(tmp_path / "stats.npz")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm: error: ") and "--respacing" in err and len(err.splitlines()) == 1
