@@ -91,10 +91,10 @@ def test_sample_callback_saves_and_logs_grids_at_its_interval_and_at_the_end(tmp
         "step_0000002.png", "step_0000004.png", "step_0000005.png"]
     assert [(key, step) for key, step, _ in recorder.images] == [("samples/ddpm_5_skip0.0", s) for s in (2, 4, 5)]
     assert [(tag, step) for tag, step, _ in board.experiment.images] == [("samples/ddpm_5_skip0.0", s) for s in (2, 4, 5)]
-    # 4 images of 8x8 in a 2x2 grid with 2-pixel padding, RGB.
+    # 4 images of 8x8, each enlarged 8x to 64 px for viewing, in a 2x2 grid with 2-pixel padding, RGB.
     last = recorder.images[-1][2][0]
-    assert last.shape == (22, 22, 3) and last.dtype == np.uint8
-    assert board.experiment.images[-1][2].shape == (3, 22, 22)
+    assert last.shape == (134, 134, 3) and last.dtype == np.uint8
+    assert board.experiment.images[-1][2].shape == (3, 134, 134)
     png = np.array(Image.open(tmp_path / "samples" / "step_0000005.png").convert("RGB"))
     np.testing.assert_array_equal(png, last)
     # The last grid is the fixed-seed sample of the final EMA weights.
