@@ -23,21 +23,36 @@ from ddpm_lightning.quartiles import QuartileLog
 LR_SCHEDULES = ("constant", "cosine")
 
 
-class TimestepRescaler(torch.nn.Module):
+class TimestepRescaler:
     """Feeds the network t * 1000 / T when T != 1000 (improved-diffusion's rescale_timesteps).
 
     Networks are trained and released on the 0..1000 range; iDDPM's T = 4000 weights expect it.
+    A plain wrapper, not an nn.Module, so the network's weights appear once in the state_dict.
     """
 
     def __init__(self, net: torch.nn.Module, num_timesteps: int, class_cond: bool):
-        super().__init__()
         self.net = net
         self.scale = 1000.0 / num_timesteps
         self.class_cond = class_cond
 
-    def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         t = t.float() * self.scale if self.scale != 1.0 else t
         return self.net(x, t, y) if self.class_cond else self.net(x, t)
+
+    # The samplers and sample_images treat the wrapper like the network it wraps.
+    def parameters(self):
+        return self.net.parameters()
+
+    @property
+    def training(self) -> bool:
+        return self.net.training
+
+    def train(self, mode: bool = True) -> "TimestepRescaler":
+        self.net.train(mode)
+        return self
+
+    def eval(self) -> "TimestepRescaler":
+        return self.train(False)
 
 
 class DiffusionModule(L.LightningModule):

@@ -1,5 +1,4 @@
 """Tests for ddpm_lightning.data on small data that each test writes itself (no downloads)."""
-import os
 import pickle
 import re
 import urllib.error

@@ -103,3 +103,12 @@ def test_short_training_on_digits_lowers_the_loss(tmp_path):
     assert last < 0.7 * first, (first, last)
     # the EMA moved towards the trained weights
     assert not torch.equal(next(module.ema.averages[0].parameters()), next(module.net.parameters()))
+
+
+def test_state_dict_holds_the_network_once_plus_its_ema():
+    m = DiffusionModule(net="tiny", image_size=16, in_channels=1, ema_decay=[0.999, 0.9999])
+    state = m.state_dict()
+    net_params = sum(p.numel() for p in m.net.parameters())
+    assert sum(v.numel() for k, v in state.items() if k.startswith("net.")) == net_params
+    assert {k.split(".")[0] for k in state} == {"net", "ema"}
+    assert sum(v.numel() for v in state.values()) == 3 * net_params  # weights + two EMA copies

@@ -69,7 +69,6 @@ def test_ddim_with_eta_one_is_the_ddpm_step(schedule):
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     t = torch.tensor([1, 10, 30, 49])
     model = lambda x, t: torch.sin(x)
-    noise = torch.randn_like(x)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     ddpm = p_sample(d, model, x, t, clip_denoised=False, generator=g1)["sample"]
     ddim = ddim_sample(d, model, x, t, eta=1.0, clip_denoised=False, generator=g2)["sample"]
