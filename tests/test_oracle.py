@@ -3,7 +3,7 @@
 For data x_0 ~ sum_k w_k N(mu_k, s^2 I), x_t | k ~ N(sqrt(a) mu_k, (a s^2 + 1 - a) I) with
 a = alpha_bar_t, so the ideal noise predictor is known in closed form. With it, a correct sampler
 must give back the mixture's mode weights and spread; and the papers' schedule observations
-(Nichol & Dhariwal sec. 3.2 and fig. 3 / sec. 4) can be shown without training anything.
+(Nichol & Dhariwal sec. 3.2, figs. 3-5) can be shown without training anything.
 """
 
 import pytest
@@ -90,8 +90,8 @@ def test_cosine_beats_linear_with_25_steps(sampler, var_type):
 
 
 def test_skipping_the_first_20_percent():
-    """Nichol & Dhariwal fig. 3: the linear schedule's last 20% of forward steps carry almost no
-    signal, so skipping them in reverse is harmless; the cosine schedule still has signal there."""
+    """Nichol & Dhariwal fig. 4: the linear schedule's last 20% of forward steps carry almost no signal
+    (figs. 3 and 5), so skipping them in reverse is harmless; the cosine schedule still has signal there."""
     linear_full, _ = sample("linear", "200")
     linear_skip, _ = sample("linear", "200", skip_fraction=0.2)
     cosine_full, _ = sample("cosine", "200")
