@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ddpm_lightning.nonfinite import NonFiniteLossError
+
 USAGE = """ddpm: DDPM / Improved DDPM on PyTorch Lightning.
 
   ddpm fit --config experiments/<name>.yaml [--trainer.devices=8 --model.schedule=cosine ...]
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
         # LightningCLI reads sys.argv; hand it the expanded chain of --config files there.
         sys.argv = sys.argv[:1] + expand_config_bases(argv)
         DDPMCLI(DiffusionModule, LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+    except NonFiniteLossError as err:
+        print(f"ddpm: error: {err}", file=sys.stderr)
+        sys.exit(1)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         # Bad input is the user's to fix: one line naming it, unless a traceback is asked for.
         if os.environ.get("DDPM_DEBUG"):

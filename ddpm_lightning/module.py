@@ -6,6 +6,7 @@ import math
 from typing import Any, Optional, Union
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 
@@ -18,6 +19,7 @@ from ddpm_lightning.diffusion import (
 )
 from ddpm_lightning.ema import EMA
 from ddpm_lightning.nets import build_network
+from ddpm_lightning.nonfinite import NonFiniteGuard
 from ddpm_lightning.quartiles import QuartileLog
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -73,6 +75,8 @@ class DiffusionModule(L.LightningModule):
         use_ema_for_eval: validate and sample with the EMA weights.
         val_bpd_batches: compute bits/dim (calc_bpd_loop, all T steps) on this many validation
             batches per validation run; 0 disables it.
+        nonfinite_loss: on a NaN/Inf loss, "stop" (detected within one log interval, a checkpoint
+            saved beside the good ones) or "skip" the batch (costs a host sync per step).
     """
 
     def __init__(
@@ -99,11 +103,13 @@ class DiffusionModule(L.LightningModule):
         ema_warmup: bool = False,
         use_ema_for_eval: bool = True,
         val_bpd_batches: int = 0,
+        nonfinite_loss: str = "stop",
     ):
         super().__init__()
         self.save_hyperparameters()
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+        self.nonfinite = NonFiniteGuard(nonfinite_loss)
         if class_cond and not num_classes:
             raise ValueError("class_cond=True needs num_classes (set by the DataModule or --model.num_classes)")
         betas = get_named_beta_schedule(schedule, num_timesteps)
@@ -140,9 +146,18 @@ class DiffusionModule(L.LightningModule):
         if isinstance(self.timestep_sampler, LossSecondMomentResampler):
             self.timestep_sampler.update_with_local_losses(t, losses["loss"].detach())
         loss = (losses["loss"] * weights).mean()
+        if self.nonfinite.policy == "skip" and self.nonfinite.should_skip(loss, self.trainer.strategy):
+            self.nonfinite.skipped += 1
+            rank_zero_warn(f"non-finite loss at step {self.global_step}: batch skipped "
+                           f"({self.nonfinite.skipped} so far)")
+            return None  # Lightning then skips backward and the optimizer step
+        if self.nonfinite.policy == "stop":
+            self.nonfinite.record(loss, self.global_step)
 
         self.quartiles.update(t, losses)
         if self._should_log():
+            if self.nonfinite.policy == "stop":
+                self.nonfinite.check(self.trainer)
             # The only host syncs of a step, and only at the log interval: this step's means (one
             # transfer, logged as floats so the progress bar never reads a device tensor) and the
             # per-quartile-of-t means since the last log (improved-diffusion's loss_q0..q3).
