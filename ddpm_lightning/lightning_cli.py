@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import os
 
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 import ddpm_lightning.data  # noqa: F401  (registers the DataModules for short class_path names)
+from ddpm_lightning.loggers import DDPMWandbLogger, prepare_wandb_loggers
+
+
+class SaveConfigToLoggers(SaveConfigCallback):
+    """Writes config.yaml as LightningCLI does, and makes the resolved config the W&B run's config."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            if isinstance(logger, DDPMWandbLogger):
+                logger.log_config(config)
 
 
 class DDPMCLI(LightningCLI):
     """Links the data's shape to the model and keeps checkpoints where `--ckpt_path last` finds them."""
+
+    def __init__(self, *args, save_config_callback: type[SaveConfigCallback] = SaveConfigToLoggers, **kwargs):
+        super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -29,6 +44,7 @@ class DDPMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        prepare_wandb_loggers(config)  # may move a sweep run's default_root_dir: before the checkpoint folder
         if config.checkpoint.dirpath is None:
             # A fixed folder (not the logger's version_N) so that `--ckpt_path last` resumes.
             root = config.trainer.default_root_dir or os.getcwd()

@@ -21,6 +21,8 @@ def log_to_wandb(project: str, output_dir: Union[str, Path], rows: Sequence[dict
         table = wandb.Table(columns=list(columns), data=[[row.get(name) for name in columns] for row in rows])
         images = {Path(plot).stem: wandb.Image(str(plot)) for plot in plots if Path(plot).is_file()}
         run.log({"results": table, **images})
+        if len(rows) == 1:  # one cell per run (a sweep): its numbers as summary metrics W&B can rank by
+            run.summary.update({k: rows[0][k] for k in ("fid", "is_mean", "is_std", "bpd") if rows[0].get(k) is not None})
         return str(run.dir)
     finally:
         run.finish()
