@@ -6,10 +6,13 @@ import os
 
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 import ddpm_lightning.data  # noqa: F401  (registers the DataModules for short class_path names)
+from ddpm_lightning.callbacks.last_checkpoint import LastCheckpoint
 from ddpm_lightning.loggers import DDPMWandbLogger, prepare_wandb_loggers
+from ddpm_lightning.resume import AtomicCheckpointIO, resolve_resume_path
 
 
 class SaveConfigToLoggers(SaveConfigCallback):
@@ -49,3 +52,27 @@ class DDPMCLI(LightningCLI):
             # A fixed folder (not the logger's version_N) so that `--ckpt_path last` resumes.
             root = config.trainer.default_root_dir or os.getcwd()
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
+    def _parse_ckpt_path(self) -> None:
+        # Before LightningCLI reads the checkpoint's hyperparameters: `last` skips a damaged last.ckpt for
+        # the newest intact periodic one, and a damaged explicit path is named in one line.
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            config = self.config[subcommand]
+            root = config.trainer.default_root_dir or os.getcwd()
+            folder = config.checkpoint.dirpath or os.path.join(root, "checkpoints")
+            config.ckpt_path = resolve_resume_path(config.ckpt_path, folder)
+        super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs):
+        """Every run writes checkpoints atomically, and last.ckpt at its end and when preempted (SIGTERM)."""
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        configured = trainer_config.get("callbacks") or []
+        configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+        checkpoint_dir = self._get(self.config, "checkpoint").dirpath
+        callbacks = configured + [LastCheckpoint(checkpoint_dir)]
+        return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
