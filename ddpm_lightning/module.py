@@ -235,6 +235,12 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- hooks
+    def setup(self, stage: str) -> None:
+        # seed_everything gives every DDP rank the same seed, hence the same t and noise for different
+        # images; offsetting by rank keeps the ranks' draws independent (and still reproducible).
+        if stage == "fit" and self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * self.trainer.global_rank)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
 

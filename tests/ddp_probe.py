@@ -15,5 +15,6 @@ class SaveRankState(L.Callback):
             "timestep_sampler": pl_module.timestep_sampler.state_dict(),
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
+            "seed": torch.initial_seed(),
         }
         torch.save(state, os.path.join(trainer.default_root_dir, f"rank{trainer.global_rank}.pt"))

@@ -30,6 +30,8 @@ def test_two_process_ddp_ranks_stay_identical(tmp_path):
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert [r["global_step"] for r in ranks] == [STEPS, STEPS] and ranks[0]["world_size"] == 2
+    # seed_everything seeds every rank alike; the module offsets by rank so t and noise differ across ranks
+    assert ranks[0]["seed"] != ranks[1]["seed"]
     weights = [r["state_dict"] for r in ranks]
     assert weights[0].keys() == weights[1].keys()
     assert any(name.startswith("ema.averages.0.") for name in weights[0])
