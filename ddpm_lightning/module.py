@@ -143,8 +143,6 @@ class DiffusionModule(L.LightningModule):
         x_start, y = batch
         t, weights = self.timestep_sampler.sample(x_start.shape[0], x_start.device)
         losses = self.diffusion.training_losses(self.model, x_start, t, model_kwargs=self._model_kwargs(y))
-        if isinstance(self.timestep_sampler, LossSecondMomentResampler):
-            self.timestep_sampler.update_with_local_losses(t, losses["loss"].detach())
         loss = (losses["loss"] * weights).mean()
         if self.nonfinite.policy == "skip" and self.nonfinite.should_skip(loss, self.trainer.strategy):
             self.nonfinite.skipped += 1
@@ -153,8 +151,11 @@ class DiffusionModule(L.LightningModule):
             return None  # Lightning then skips backward and the optimizer step
         if self.nonfinite.policy == "stop":
             self.nonfinite.record(loss, self.global_step)
+        if isinstance(self.timestep_sampler, LossSecondMomentResampler):
+            self.timestep_sampler.update_with_local_losses(t, losses["loss"].detach())
 
-        self.quartiles.update(t, losses)
+        # Logged as improved-diffusion logs them: weighted by the importance weights.
+        self.quartiles.update(t, {name: value * weights for name, value in losses.items()})
         if self._should_log():
             if self.nonfinite.policy == "stop":
                 self.nonfinite.check(self.trainer)
@@ -162,7 +163,7 @@ class DiffusionModule(L.LightningModule):
             # transfer, logged as floats so the progress bar never reads a device tensor) and the
             # per-quartile-of-t means since the last log (improved-diffusion's loss_q0..q3).
             names = [name for name in ("mse", "vb") if name in losses]
-            values = torch.stack([loss.detach()] + [losses[name].detach().mean() for name in names]).tolist()
+            values = torch.stack([loss.detach()] + [(losses[name] * weights).detach().mean() for name in names]).tolist()
             self.log("train/loss", values[0], prog_bar=True)
             for name, value in zip(names, values[1:]):
                 self.log(f"train/{name}", value)

@@ -50,7 +50,7 @@ def test_skip_drops_only_the_bad_batches(tmp_path):
     with pytest.warns(UserWarning, match="non-finite loss at step 3: batch skipped"):
         module, trainer = train(tmp_path, "skip", poison_calls=[3, 4])
     assert module.nonfinite.skipped == 2
-    assert trainer.global_step == 12  # the skipped batches did not count as optimizer steps
+    assert trainer.global_step == 12  # skipped batches count as (empty) steps
     assert all(torch.isfinite(p).all() for p in module.net.parameters())
     assert all(torch.isfinite(p).all() for p in module.ema.averages[0].parameters())
 
@@ -64,3 +64,20 @@ def test_stop_reports_the_first_bad_step_even_after_the_poison_spread(tmp_path):
 def test_unknown_policy():
     with pytest.raises(ValueError, match="unknown nonfinite_loss 'ignore'; valid: stop, skip"):
         DiffusionModule(net="tiny", nonfinite_loss="ignore")
+
+
+def test_skipped_losses_stay_out_of_the_importance_sampler(tmp_path):
+    L.seed_everything(0)
+    module = DiffusionModule(net={"class_path": "test_nonfinite.PoisonedNet", "init_args": {"poison_calls": [2]}},
+                             image_size=8, in_channels=1, num_timesteps=100, nonfinite_loss="skip",
+                             timestep_sampler="loss-second-moment")
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0)
+    with pytest.warns(UserWarning, match="batch skipped"):
+        trainer.fit(module, DigitsDataModule(image_size=8, batch_size=16))
+    state = module.timestep_sampler.state_dict()
+    # Lightning counts the skipped batch as a step (its optimizer.step sees no gradients and changes nothing)
+    assert module.nonfinite.skipped == 1 and trainer.global_step == 5
+    assert int(state["loss_counts"].sum()) == 16 * (5 - 1)  # the poisoned batch's losses were not recorded
+    assert torch.isfinite(state["loss_history"]).all()
