@@ -623,3 +623,19 @@ def test_trainer_runs_without_validation_split():
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
     assert len(model.train_batches) == 4 and model.val_batches == []
+
+
+def test_global_batch_size_is_split_over_processes_and_accumulation():
+    from types import SimpleNamespace
+
+    dm = DigitsDataModule(image_size=8, global_batch_size=128)
+    dm.trainer = SimpleNamespace(world_size=4, accumulate_grad_batches=2, global_rank=0)
+    assert dm.device_batch_size() == 16
+    dm.trainer = SimpleNamespace(world_size=3, accumulate_grad_batches=1, global_rank=0)
+    with pytest.raises(ValueError, match="global_batch_size=128 is not divisible by 3 processes x 1 accumulation"):
+        dm.device_batch_size()
+    plain = DigitsDataModule(image_size=8, batch_size=24, global_batch_size=None)
+    assert plain.device_batch_size() == 24
+    dm.trainer = None
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))[0].shape[0] == 128

@@ -42,6 +42,7 @@ class ImageDataModule(L.LightningDataModule):
         num_val_samples: int,
         in_memory: bool,
         on_corrupt: str = "error",
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -58,6 +59,9 @@ class ImageDataModule(L.LightningDataModule):
         self.channels = channels
         self.num_classes = num_classes
         self.batch_size = batch_size
+        # The papers' batch (128) is global: with global_batch_size set, each device takes its share,
+        # global / (devices x nodes x accumulate_grad_batches), whatever the GPU count.
+        self.global_batch_size = global_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.random_flip = random_flip
@@ -123,17 +127,30 @@ class ImageDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         return held.to(device) if device.type != "cpu" else held
 
+    def device_batch_size(self) -> int:
+        """batch_size, or this device's share of global_batch_size."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        world = self.trainer.world_size if self.trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        share, remainder = divmod(self.global_batch_size, world * accumulate)
+        if remainder or share == 0:
+            raise ValueError(f"{self.owner}: global_batch_size={self.global_batch_size} is not divisible by "
+                             f"{world} processes x {accumulate} accumulation steps")
+        return share
+
     def _loader(self, subset: Subset | None, shuffle: bool, stage: str) -> DataLoader | InMemoryLoader:
         if subset is None:
             raise RuntimeError(f"{self.owner}: call setup('{stage}') before asking for its dataloader")
+        batch_size = self.device_batch_size()
         if self.in_memory:
             rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             # The same seed source as Lightning's own DistributedSampler, so seed_everything fixes the order.
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            return InMemoryLoader(subset.dataset, subset.indices, self.batch_size, shuffle, rank, world_size, seed)
+            return InMemoryLoader(subset.dataset, subset.indices, batch_size, shuffle, rank, world_size, seed)
         return DataLoader(
             subset,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
             # Pinning helps only for host-to-GPU copies, and warns without a GPU.

@@ -36,6 +36,7 @@ class CIFAR10DataModule(ImageDataModule):
         source: str = "torchvision",
         image_size: int = 32,
         batch_size: int = 128,
+        global_batch_size: int | None = None,
         num_workers: int = 4,
         pin_memory: bool = True,
         # Ho et al. (2020) found flips improve CIFAR-10 sample quality slightly.
@@ -50,6 +51,7 @@ class CIFAR10DataModule(ImageDataModule):
             channels=3,
             num_classes=10,
             batch_size=batch_size,
+            global_batch_size=global_batch_size,
             num_workers=num_workers,
             pin_memory=pin_memory,
             random_flip=random_flip,

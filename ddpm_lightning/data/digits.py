@@ -14,6 +14,7 @@ class DigitsDataModule(ImageDataModule):
         self,
         image_size: int = 16,
         batch_size: int = 128,
+        global_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = True,
         # Off: a mirrored digit is usually not the same digit.
@@ -26,6 +27,7 @@ class DigitsDataModule(ImageDataModule):
             channels=1,
             num_classes=10,
             batch_size=batch_size,
+            global_batch_size=global_batch_size,
             num_workers=num_workers,
             pin_memory=pin_memory,
             random_flip=random_flip,

@@ -33,6 +33,7 @@ class ImageNet64DataModule(ImageDataModule):
         source: str = "npz",
         image_size: int = 64,
         batch_size: int = 128,
+        global_batch_size: int | None = None,
         num_workers: int = 4,
         pin_memory: bool = True,
         # Off, as in Improved DDPM, which trained ImageNet 64x64 without flips.
@@ -47,6 +48,7 @@ class ImageNet64DataModule(ImageDataModule):
             channels=3,
             num_classes=NUM_CLASSES,
             batch_size=batch_size,
+            global_batch_size=global_batch_size,
             num_workers=num_workers,
             pin_memory=pin_memory,
             random_flip=random_flip,
