@@ -39,6 +39,9 @@ class DDPMCLI(LightningCLI):
             "checkpoint.every_n_train_steps": 10000,
             "checkpoint.filename": "step={step}",
             "checkpoint.auto_insert_metric_name": False,
+            # One last.ckpt, overwritten in place: "last-v1.ckpt" siblings would hide the newest state
+            # from `--ckpt_path last` after a resume or a preemption save.
+            "checkpoint.enable_version_counter": False,
         })
         # The network's input shape and label count are the data's, decided once, in the DataModule.
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")

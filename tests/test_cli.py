@@ -39,6 +39,7 @@ def test_resume_continues_the_step_count(trained):
     assert first["global_step"] == 4
     resumed = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["global_step"] == 8
+    assert not list((root / "checkpoints").glob("last-v*.ckpt"))
     assert (root / "checkpoints" / "step=6.ckpt").exists()
     # EMA and timestep-sampler state travel in the checkpoint
     assert any(k.startswith("ema.averages.0.") for k in resumed["state_dict"])

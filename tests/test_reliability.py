@@ -41,6 +41,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     main(ddpm_command(tmp_path, f"--trainer.max_steps={step + 2}", "--ckpt_path=last")[1:])
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == step + 2
+    assert not list((tmp_path / "checkpoints").glob("last-v*.ckpt"))  # one last.ckpt, updated in place
 
 
 def test_atomic_save_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
