@@ -16,6 +16,23 @@ if TYPE_CHECKING:
 SAMPLERS = ("ddpm", "ddim")
 
 
+def check_sampling_options(sampler: str, skip_fraction: float, eta: float) -> None:
+    """Validate a sampler configuration up front (callbacks otherwise fail at their first firing)."""
+    check_option("sampler", sampler, SAMPLERS)
+    if not 0.0 <= skip_fraction < 1.0:
+        raise ValueError(f"skip_fraction must be in [0, 1), got {skip_fraction}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+
+
+def check_respacing(respacing: Optional[str], num_timesteps: int) -> None:
+    """A respacing string must select steps of this T (e.g. "100" needs T >= 100)."""
+    if respacing:
+        from ddpm_lightning.diffusion import space_timesteps
+
+        space_timesteps(num_timesteps, respacing)
+
+
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample `index` of a run seeded `seed` (independent streams, unlike seed + index)."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -38,7 +55,7 @@ def sample_images(
     noise: Optional[Tensor] = None, y: Optional[Tensor] = None, clip_denoised: bool = True, progress: bool = False,
 ) -> Tensor:
     """[num_samples, C, H, W] in [-1, 1]; respacing is a space_timesteps string ("100", "ddim50")."""
-    check_option("sampler", sampler, SAMPLERS)
+    check_sampling_options(sampler, skip_fraction, eta)
     diffusion = module.diffusion.respace(respacing) if respacing else module.diffusion
     hp = module.hparams
     shape = (num_samples, hp.in_channels, hp.image_size, hp.image_size)

@@ -106,6 +106,13 @@ def test_sample_callback_saves_and_logs_grids_at_its_interval_and_at_the_end(tmp
         SampleCallback(sampler="euler")
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         SampleCallback(every_n_steps=0)
+    with pytest.raises(ValueError, match=r"skip_fraction must be in \[0, 1\)"):
+        SampleCallback(skip_fraction=1.0)
+
+
+def test_a_bad_respacing_fails_when_fit_starts_not_at_the_first_grid(tmp_path):
+    with pytest.raises(ValueError, match="cannot take 500 steps"):
+        fit(tmp_path, [SampleCallback(every_n_steps=1000, respacing="500")], [], max_steps=2, enable_checkpointing=False)
 
 
 def test_fid_callback_logs_fid_and_is_at_its_interval_and_stays_out_of_checkpoints(tmp_path):
@@ -140,7 +147,7 @@ def test_fid_callback_logs_fid_and_is_at_its_interval_and_stays_out_of_checkpoin
 
 
 def test_fid_callback_without_weights_fails_before_training(tmp_path):
-    callback = FIDCallback(inception_weights=str(tmp_path / "missing.pth"))
+    callback = FIDCallback(inception_weights=str(tmp_path / "missing.pth"), respacing="5")
     steps = []
 
     class Count(L.Callback):
@@ -150,12 +157,17 @@ def test_fid_callback_without_weights_fails_before_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="inception_weights: no file at"):
         fit(tmp_path, [callback, Count()], False, max_steps=2, enable_checkpointing=False)
     with pytest.raises(FileNotFoundError, match="reference_stats: no file at"):
-        callback = FIDCallback(feature_extractor=StandInFeatures(), reference_stats=str(tmp_path / "missing.npz"))
+        callback = FIDCallback(feature_extractor=StandInFeatures(), reference_stats=str(tmp_path / "missing.npz"),
+                               respacing="5")
         fit(tmp_path, [callback, Count()], False, max_steps=2, enable_checkpointing=False)
     FeatureStats(np.zeros(3), np.eye(3), 10).save(tmp_path / "other.npz")
     with pytest.raises(ValueError, match="reference statistics have 3 features, the feature extractor 12"):
-        callback = FIDCallback(feature_extractor=StandInFeatures(), reference_stats=str(tmp_path / "other.npz"))
+        callback = FIDCallback(feature_extractor=StandInFeatures(), reference_stats=str(tmp_path / "other.npz"),
+                               respacing="5")
         fit(tmp_path, [callback, Count()], False, max_steps=2, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="respacing '100': cannot take 100 steps from a section of 25"):
+        fit(tmp_path, [FIDCallback(feature_extractor=StandInFeatures()), Count()], False, max_steps=2,
+            enable_checkpointing=False)
     assert steps == []
     with pytest.raises(ValueError, match="num_samples must be >= max"):
         FIDCallback(num_samples=5, is_splits=10)

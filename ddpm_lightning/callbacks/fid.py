@@ -14,7 +14,7 @@ from ddpm_lightning.metrics.fid_is import compute_fid_is, sampler_tag
 from ddpm_lightning.metrics.inception import build_inception
 from ddpm_lightning.metrics.reference_stats import REFERENCE_SPLITS, cached_feature_stats
 from ddpm_lightning.metrics.reference_stats import reference_stats as split_reference_stats
-from ddpm_lightning.sampling import SAMPLERS
+from ddpm_lightning.sampling import check_respacing, check_sampling_options
 
 
 class FIDCallback(L.Callback):
@@ -68,7 +68,7 @@ class FIDCallback(L.Callback):
         cache_dir: Optional[str] = None,
     ):
         super().__init__()
-        check_option("sampler", sampler, SAMPLERS)
+        check_sampling_options(sampler, skip_fraction, eta)
         check_option("reference split", reference_split, REFERENCE_SPLITS)
         for name, value in (("every_n_steps", every_n_steps), ("batch_size", batch_size), ("is_splits", is_splits)):
             if value < 1:
@@ -99,6 +99,7 @@ class FIDCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self._reference is not None:
             return
+        check_respacing(self.sample_kwargs["respacing"], pl_module.diffusion.num_timesteps)
         if self.feature_extractor is None:
             self.feature_extractor = build_inception(self.inception_weights)
         # The module is not on its device yet; the strategy already knows the device.

@@ -9,10 +9,9 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 
-from ddpm_lightning.diffusion.gaussian_diffusion import check_option
 from ddpm_lightning.image_io import grid_tensor, save_grid
 from ddpm_lightning.metrics.fid_is import sampler_tag
-from ddpm_lightning.sampling import SAMPLERS, generate_uint8
+from ddpm_lightning.sampling import check_respacing, check_sampling_options, generate_uint8
 
 
 def log_grid(logger: Logger, key: str, grid: torch.Tensor, step: int) -> None:
@@ -58,7 +57,7 @@ class SampleCallback(L.Callback):
         output_dir: Optional[str] = None,
     ):
         super().__init__()
-        check_option("sampler", sampler, SAMPLERS)
+        check_sampling_options(sampler, skip_fraction, eta)
         checks = (("every_n_steps", every_n_steps), ("num_samples", num_samples), ("batch_size", batch_size or 1))
         for name, value in checks:
             if value < 1:
@@ -72,6 +71,10 @@ class SampleCallback(L.Callback):
         self.output_dir = output_dir
         self.tag = sampler_tag(sampler, respacing, skip_fraction, eta)
         self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a bad respacing fails now, not at the first grid thousands of steps in
+            check_respacing(self.sample_kwargs["respacing"], pl_module.diffusion.num_timesteps)
 
     @property
     def state_key(self) -> str:

@@ -16,6 +16,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int] | int) -
     - "trailingN": N steps evenly spaced back from the last step, so T-1 is always kept
       (Lin et al. 2023, table 2). Beyond the reference.
     """
+    original = section_counts
     if isinstance(section_counts, int):
         section_counts = [section_counts]
     if isinstance(section_counts, str):
@@ -25,7 +26,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int] | int) -
                 return chooser(num_timesteps, _parse_count(text[len(prefix):], section_counts))
         section_counts = [_parse_count(part, section_counts) for part in text.split(",")]
     if not section_counts or any(c < 1 for c in section_counts):
-        raise ValueError(f"respacing {section_counts!r}: every section needs at least 1 step")
+        raise ValueError(f"respacing {original!r}: every section needs at least 1 step")
 
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start_idx = 0
@@ -34,7 +35,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int] | int) -
         size = size_per + (1 if i < extra else 0)
         if size < section_count:
             raise ValueError(
-                f"respacing {section_counts!r}: cannot take {section_count} steps from a section "
+                f"respacing {original!r}: cannot take {section_count} steps from a section "
                 f"of {size} steps (T={num_timesteps})"
             )
         frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
