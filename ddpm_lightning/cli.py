@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
 from ddpm_lightning.nonfinite import NonFiniteLossError
 
 USAGE = """ddpm: DDPM / Improved DDPM on PyTorch Lightning.
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     except NonFiniteLossError as err:
         print(f"ddpm: error: {err}", file=sys.stderr)
         sys.exit(1)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (ValueError, FileNotFoundError, NotADirectoryError, MisconfigurationException) as err:
         # Bad input is the user's to fix: one line naming it, unless a traceback is asked for.
         if os.environ.get("DDPM_DEBUG"):
             raise

@@ -6,7 +6,7 @@ import copy
 from typing import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 class EMA(nn.Module):
@@ -47,6 +47,22 @@ class EMA(nn.Module):
             else:
                 for a, p in zip(average_params, params):
                     a.lerp_(p.to(a.dtype), 1.0 - decay)
+            for a, b in zip(average.buffers(), buffers):
+                a.copy_(b)
+
+    @torch.no_grad()
+    def update_with_weights(self, net: nn.Module, weights: Tensor) -> None:
+        """average += weights[i] * (weights - average) with the lerp weights (1 - decay) on the device.
+
+        For a captured CUDA graph, where the warmup's step-dependent decay cannot be a Python float.
+        """
+        params = [p.detach() for p in net.parameters()]
+        buffers = [b for b in net.buffers()]
+        for i, average in enumerate(self.averages):
+            average_params = list(average.parameters())
+            deltas = torch._foreach_sub([p.to(a.dtype) for a, p in zip(average_params, params)], average_params)
+            torch._foreach_mul_(deltas, weights[i])
+            torch._foreach_add_(average_params, deltas)
             for a, b in zip(average.buffers(), buffers):
                 a.copy_(b)
 

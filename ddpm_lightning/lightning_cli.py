@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 import ddpm_lightning.data  # noqa: F401  (registers the DataModules for short class_path names)
 from ddpm_lightning.callbacks.last_checkpoint import LastCheckpoint
+from ddpm_lightning.callbacks.rng_state import RNGState
 from ddpm_lightning.loggers import DDPMWandbLogger, prepare_wandb_loggers
 from ddpm_lightning.resume import AtomicCheckpointIO, resolve_resume_path
 
@@ -34,13 +35,15 @@ class DDPMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
-            "checkpoint.save_last": True,
+            # last.ckpt is LastCheckpoint's: ModelCheckpoint would rewrite it when training ends, in a state that
+            # Lightning resumes at the wrong batch (see LastCheckpoint).
+            "checkpoint.save_last": False,
             "checkpoint.save_top_k": -1,
             "checkpoint.every_n_train_steps": 10000,
             "checkpoint.filename": "step={step}",
             "checkpoint.auto_insert_metric_name": False,
-            # One last.ckpt, overwritten in place: "last-v1.ckpt" siblings would hide the newest state
-            # from `--ckpt_path last` after a resume or a preemption save.
+            # A resumed run that reaches a step again overwrites its step=N.ckpt: "-v1" siblings would be
+            # passed over by the damaged-last.ckpt fallback.
             "checkpoint.enable_version_counter": False,
         })
         # The network's input shape and label count are the data's, decided once, in the DataModule.
@@ -55,6 +58,9 @@ class DDPMCLI(LightningCLI):
             # A fixed folder (not the logger's version_N) so that `--ckpt_path last` resumes.
             root = config.trainer.default_root_dir or os.getcwd()
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        if config.checkpoint.save_last:
+            raise ValueError("--checkpoint.save_last: last.ckpt is written by ddpm itself (with every checkpoint, "
+                             "at the last step and on SIGTERM); leave save_last off")
 
     def _parse_ckpt_path(self) -> None:
         # Before LightningCLI reads the checkpoint's hyperparameters: `last` skips a damaged last.ckpt for
@@ -64,11 +70,11 @@ class DDPMCLI(LightningCLI):
             config = self.config[subcommand]
             root = config.trainer.default_root_dir or os.getcwd()
             folder = config.checkpoint.dirpath or os.path.join(root, "checkpoints")
-            config.ckpt_path = resolve_resume_path(config.ckpt_path, folder)
+            config.ckpt_path = resolve_resume_path(config.ckpt_path, folder, hpc_dir=root)
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs):
-        """Every run writes checkpoints atomically, and last.ckpt at its end and when preempted (SIGTERM)."""
+        """Every run writes checkpoints atomically, last.ckpt where it stopped, and its random streams in them."""
         trainer_config = self._get(self.config_init, "trainer", default={})
         plugins = trainer_config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -76,6 +82,6 @@ class DDPMCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         configured = trainer_config.get("callbacks") or []
         configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-        checkpoint_dir = self._get(self.config, "checkpoint").dirpath
-        callbacks = configured + [LastCheckpoint(checkpoint_dir)]
+        checkpoint = self._get(self.config, "checkpoint")
+        callbacks = configured + [LastCheckpoint(checkpoint.dirpath, checkpoint.every_n_train_steps), RNGState()]
         return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)

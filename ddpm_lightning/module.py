@@ -10,6 +10,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 
+from ddpm_lightning.accel import CompiledCall, FastForward, TrainStep
+from ddpm_lightning.accel.compile import check_compile_mode
+from ddpm_lightning.accel.fast_forward import autocast_dtype
 from ddpm_lightning.diffusion import (
     GaussianDiffusion,
     LossSecondMomentResampler,
@@ -77,6 +80,17 @@ class DiffusionModule(L.LightningModule):
             batches per validation run; 0 disables it.
         nonfinite_loss: on a NaN/Inf loss, "stop" (detected within one log interval, a checkpoint
             saved beside the good ones) or "skip" the batch (costs a host sync per step).
+        grad_clip: clip gradients to this global L2 norm (DDPM: 1.0); the same as Lightning's
+            trainer.gradient_clip_val, which cuda_graph cannot use (set one of the two).
+        channels_last: keep the network's weights and the training batches in NHWC memory format
+            (faster convolutions on tensor-core GPUs).
+        compile, compile_mode: torch.compile the network (training and sampling), block by block
+            if the whole network fails to compile; compile_mode is torch.compile's mode.
+        cuda_graph: on one CUDA device, capture the whole training step (forward, backward,
+            clipping, AdamW, EMA) as one CUDA graph and replay it, and replay sampling forwards
+            from graphs. Uses manual optimization; needs nonfinite_loss="stop".
+        sample_precision: autocast for sampling and evaluation forwards: "32", "bf16-mixed" or
+            "16-mixed" (training precision is the Trainer's).
     """
 
     def __init__(
@@ -104,12 +118,30 @@ class DiffusionModule(L.LightningModule):
         use_ema_for_eval: bool = True,
         val_bpd_batches: int = 0,
         nonfinite_loss: str = "stop",
+        grad_clip: Optional[float] = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: Optional[str] = None,
+        cuda_graph: bool = False,
+        sample_precision: str = "32",
     ):
         super().__init__()
         self.save_hyperparameters()
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
         self.nonfinite = NonFiniteGuard(nonfinite_loss)
+        check_compile_mode(compile_mode)
+        autocast_dtype(sample_precision)
+        if cuda_graph and nonfinite_loss == "skip":
+            raise ValueError("nonfinite_loss='skip' decides on the host every step, which a CUDA graph cannot; "
+                             "use nonfinite_loss='stop' with cuda_graph")
+        if cuda_graph and compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"compile_mode={compile_mode!r} makes its own CUDA graphs; with cuda_graph use "
+                             "compile_mode 'default' or 'max-autotune-no-cudagraphs'")
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 (or null for no clipping), got {grad_clip}")
+        # The captured step runs backward, clipping and the optimizer itself.
+        self.automatic_optimization = not cuda_graph
         if class_cond and not num_classes:
             raise ValueError("class_cond=True needs num_classes (set by the DataModule or --model.num_classes)")
         betas = get_named_beta_schedule(schedule, num_timesteps)
@@ -122,10 +154,16 @@ class DiffusionModule(L.LightningModule):
             net, net_overrides, image_size=image_size, in_channels=in_channels,
             learn_sigma=var_type in ("learned", "learned_range"), num_classes=num_classes if class_cond else None,
         )
-        self.model = TimestepRescaler(self.net, num_timesteps, class_cond)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         decays = [ema_decay] if isinstance(ema_decay, (int, float)) else list(ema_decay)
         self.ema = EMA(self.net, decays, warmup=ema_warmup)
+        # Compiled after the EMA copies are made: they are compiled, if at all, for sampling only.
+        network = CompiledCall(self.net, compile_mode) if compile else self.net
+        self.model = TimestepRescaler(network, num_timesteps, class_cond)
         self.quartiles = QuartileLog(num_timesteps)
+        self._train_step: Optional[TrainStep] = None
+        self._fast_nets: dict[int, FastForward] = {}
 
     # ----------------------------------------------------------------- forward
     def forward(self, x_t: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
@@ -136,12 +174,26 @@ class DiffusionModule(L.LightningModule):
         """The network used for sampling and evaluation: the EMA weights unless told otherwise."""
         use_ema = self.hparams.use_ema_for_eval if use_ema is None else use_ema
         net = self.ema.averages[ema_index] if use_ema else self.net
-        return TimestepRescaler(net, self.hparams.num_timesteps, self.hparams.class_cond)
+        return TimestepRescaler(self._fast(net), self.hparams.num_timesteps, self.hparams.class_cond)
+
+    def _fast(self, net: torch.nn.Module):
+        """net itself, or a cached FastForward of it when compile, cuda_graph or sample_precision ask for one."""
+        hp = self.hparams
+        if not (hp.compile or hp.cuda_graph or hp.sample_precision != "32"):
+            return net
+        if id(net) not in self._fast_nets:
+            self._fast_nets[id(net)] = FastForward(net, hp.sample_precision, hp.compile, hp.compile_mode,
+                                                   hp.cuda_graph)
+        return self._fast_nets[id(net)]
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x_start, y = batch
+        if self.hparams.channels_last:
+            x_start = x_start.contiguous(memory_format=torch.channels_last)
         t, weights = self.timestep_sampler.sample(x_start.shape[0], x_start.device)
+        if self.hparams.cuda_graph:
+            return self._graphed_training_step(x_start, y, t, weights)
         losses = self.diffusion.training_losses(self.model, x_start, t, model_kwargs=self._model_kwargs(y))
         loss = (losses["loss"] * weights).mean()
         if self.nonfinite.policy == "skip" and self.nonfinite.should_skip(loss, self.trainer.strategy):
@@ -154,6 +206,39 @@ class DiffusionModule(L.LightningModule):
         if isinstance(self.timestep_sampler, LossSecondMomentResampler):
             self.timestep_sampler.update_with_local_losses(t, losses["loss"].detach())
 
+        self._after_step(loss, losses, t, weights)
+        return loss
+
+    def _graphed_training_step(self, x_start: Tensor, y: Tensor, t: Tensor, weights: Tensor) -> Tensor:
+        """The whole step (forward, backward, clipping, AdamW, EMA) through TrainStep, then the bookkeeping."""
+        optimizer = self.optimizers()
+        if self._train_step is None:
+            self._train_step = self._make_train_step(optimizer.optimizer)
+        step = self.global_step
+        optimizer._on_before_step()  # Lightning counts optimizer steps (global_step) through these
+        # The EMA warmup counts the steps before this one, as the update in optimizer_step does.
+        out = self._train_step(x_start, y, t, weights, ema_updates=step)
+        optimizer._on_after_step()
+        self.lr_schedulers().step()
+        if self.nonfinite.policy == "stop":
+            self.nonfinite.record(out["total"], step)
+        losses = {name: value for name, value in out.items() if name != "total"}
+        if isinstance(self.timestep_sampler, LossSecondMomentResampler):
+            self.timestep_sampler.update_with_local_losses(t, losses["loss"])
+        self._after_step(out["total"], losses, t, weights)
+        return out["total"].clone()
+
+    def _make_train_step(self, optimizer: torch.optim.Optimizer) -> TrainStep:
+        # One device only: DDP's gradient all-reduce hooks are not captured. Several devices (or the
+        # CPU) run the same step uncaptured, so one config serves every machine.
+        capture = self.device.type == "cuda" and self.trainer.world_size == 1
+        if not capture:
+            reason = "no CUDA device" if self.device.type != "cuda" else f"{self.trainer.world_size} processes"
+            rank_zero_warn(f"cuda_graph: {reason}, so the training step runs without a graph")
+        return TrainStep(self, optimizer, capture=capture)
+
+    def _after_step(self, loss: Tensor, losses: dict[str, Tensor], t: Tensor, weights: Tensor) -> None:
+        """Quartile sums on the device every step; means logged (one host sync) at the log interval."""
         # Logged as improved-diffusion logs them: weighted by the importance weights.
         self.quartiles.update(t, {name: value * weights for name, value in losses.items()})
         if self._should_log():
@@ -170,12 +255,30 @@ class DiffusionModule(L.LightningModule):
             reduce_sum = lambda x: self.trainer.strategy.reduce(x, reduce_op="sum")
             for key, value in self.quartiles.compute_and_reset(reduce_sum).items():
                 self.log(f"train/{key}", value)
-        return loss
 
     def _should_log(self) -> bool:
         trainer = self._trainer
         every = trainer.log_every_n_steps if trainer is not None else 50
         return (self.global_step + 1) % max(every, 1) == 0
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.hparams.grad_clip and gradient_clip_val:
+            raise ValueError("gradient clipping is set twice (trainer.gradient_clip_val and model.grad_clip); "
+                             "keep model.grad_clip")
+        clip = self.hparams.grad_clip or gradient_clip_val
+        if not clip:
+            return
+        if gradient_clip_algorithm not in (None, "norm") or self._loss_scaled():
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm)
+            return
+        # Lightning refuses to clip for a fused optimizer under any mixed precision, a guard meant for
+        # 16-bit loss scaling; without a loss scale (fp32, bf16) the gradients are true ones and the
+        # clip by global norm is exactly Lightning's: the optimizer's parameters, group by group.
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
+
+    def _loss_scaled(self) -> bool:
+        """Whether the Trainer scales the loss (16-bit mixed precision), which fused AdamW cannot be clipped under."""
+        return self._trainer is not None and str(self._trainer.precision).startswith("16")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -222,6 +325,8 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         fused = self.device.type == "cuda" or all(p.is_cuda for p in self.net.parameters())
+        # Under 16-bit loss scaling Lightning clips only non-fused optimizers (it unscales them first).
+        fused = fused and not (self._loss_scaled() and (hp.grad_clip or self._trainer.gradient_clip_val))
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.adam_betas),
                                       weight_decay=hp.weight_decay, fused=fused or None)
         total = self._trainer.estimated_stepping_batches if self._trainer is not None else 0

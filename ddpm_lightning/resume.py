@@ -38,10 +38,13 @@ def is_readable_checkpoint(path: Path) -> bool:
         return False
 
 
-def resolve_resume_path(ckpt_path: Optional[str], checkpoint_dir: str) -> Optional[str]:
-    """`last` -> last.ckpt in checkpoint_dir, or, if that file is damaged, the newest intact step=*.ckpt.
+def resolve_resume_path(ckpt_path: Optional[str], checkpoint_dir: str, hpc_dir: Optional[str] = None) -> Optional[str]:
+    """`last` -> the newest of last.ckpt in checkpoint_dir and hpc_ckpt_*.ckpt in hpc_dir; if that file is
+    damaged, the newest intact one of those and the periodic step=*.ckpt.
 
-    An explicit path that is damaged is an error naming it; `last` with nothing there starts afresh.
+    Lightning's SLURM auto-requeue (SIGUSR1) writes hpc_ckpt_N.ckpt into default_root_dir; when the job is
+    then killed before it can save last.ckpt, that file holds the newest state. An explicit path that is
+    damaged is an error naming it; `last` with nothing there starts afresh.
     """
     if ckpt_path is None:
         return None
@@ -51,14 +54,20 @@ def resolve_resume_path(ckpt_path: Optional[str], checkpoint_dir: str) -> Option
             raise ValueError(f"checkpoint {ckpt_path} is truncated or corrupted")
         return ckpt_path
     folder = Path(checkpoint_dir)
-    last = folder / "last.ckpt"
-    if not last.exists():
+    hpc = list(Path(hpc_dir).glob("hpc_ckpt_*.ckpt")) if hpc_dir is not None else []
+    newest_first = _newest_first([folder / "last.ckpt", *hpc])
+    if not newest_first:
         return "last"  # Lightning warns and starts from scratch
-    if is_readable_checkpoint(last):
-        return str(last)
-    periodic = sorted(folder.glob("step=*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for candidate in periodic:
+    newest = newest_first[0]
+    if is_readable_checkpoint(newest):
+        return str(newest)
+    for candidate in _newest_first(newest_first[1:] + list(folder.glob("step=*.ckpt"))):
         if is_readable_checkpoint(candidate):
-            rank_zero_warn(f"{last} is truncated or corrupted; resuming from {candidate}, the newest intact checkpoint")
+            rank_zero_warn(f"{newest} is truncated or corrupted; resuming from {candidate}, the newest intact checkpoint")
             return str(candidate)
-    raise ValueError(f"{last} is truncated or corrupted and {folder} holds no intact step=*.ckpt to fall back to")
+    raise ValueError(f"{newest} is truncated or corrupted and {folder} holds no intact step=*.ckpt to fall back to")
+
+
+def _newest_first(paths: list[Path]) -> list[Path]:
+    existing = [path for path in paths if path.exists()]
+    return sorted(existing, key=lambda path: path.stat().st_mtime, reverse=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ddpm_lightning.diffusion.gaussian_diffusion import check_option
+from ddpm_lightning.diffusion.seeded_noise import SeededNoise
 
 if TYPE_CHECKING:
     from ddpm_lightning.module import DiffusionModule
@@ -38,13 +39,16 @@ def sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def per_sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample: image i depends on (seed, i) only, whatever the batch or rank."""
-    return [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
+def per_sample_noise(seed: int, indices: Sequence[int], device: torch.device) -> SeededNoise:
+    """Noise drawn on `device` in which image i depends on (seed, i) only, whatever the batch or rank."""
+    seeds = [sample_seed(seed, int(i)) for i in indices]
+    return SeededNoise(torch.tensor(seeds, dtype=torch.int64, device=device))
 
 
-def sample_labels(num_classes: int, generators: Sequence[Optional[torch.Generator]]) -> Tensor:
+def sample_labels(num_classes: int, generators: Union[SeededNoise, Sequence[Optional[torch.Generator]]]) -> Tensor:
     """One uniform label per sample, drawn first from each sample's own stream."""
+    if isinstance(generators, SeededNoise):
+        return generators.randint(num_classes)
     return torch.cat([torch.randint(0, num_classes, (1,), generator=g) for g in generators])
 
 
@@ -62,7 +66,7 @@ def sample_images(
     model_kwargs = None
     if hp.class_cond:
         if y is None:
-            gens = generator if isinstance(generator, (list, tuple)) else [generator] * num_samples
+            gens = generator if isinstance(generator, (list, tuple, SeededNoise)) else [generator] * num_samples
             y = sample_labels(hp.num_classes, gens)
         model_kwargs = {"y": y.to(module.device)}
     model = module.eval_model(use_ema)
@@ -98,12 +102,12 @@ def generate_uint8(
     starts = range(0, len(indices), batch_size)
     for start in tqdm(starts, desc="batches", disable=not progress):
         chunk = list(indices[start:start + batch_size])
-        gens = per_sample_generators(seed, chunk)
+        noise = per_sample_noise(seed, chunk, module.device)
         y = None
         if module.hparams.class_cond:
-            y = sample_labels(module.hparams.num_classes, gens)
-            labels.append(y)
-        x = sample_images(module, len(chunk), generator=gens, y=y, progress=progress, **sample_kwargs)
+            y = sample_labels(module.hparams.num_classes, noise)
+            labels.append(y.cpu())
+        x = sample_images(module, len(chunk), generator=noise, y=y, progress=progress, **sample_kwargs)
         images.append(to_uint8_nhwc(x).cpu())
     empty = torch.zeros(0, module.hparams.image_size, module.hparams.image_size, module.hparams.in_channels,
                         dtype=torch.uint8)

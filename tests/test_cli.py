@@ -108,7 +108,7 @@ def print_config(name, capsys, *extra):
 EXPECTED = {
     "cifar10_ddpm": dict(net="ddpm_cifar10", num_timesteps=1000, schedule="linear", mean_type="epsilon",
                          var_type="fixed_large", loss_type="mse", lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
-                         max_steps=800000, gradient_clip_val=1.0, global_batch_size=128, random_flip=True, data="CIFAR10DataModule"),
+                         max_steps=800000, grad_clip=1.0, global_batch_size=128, random_flip=True, data="CIFAR10DataModule"),
     "cifar10_iddpm_linear_simple": dict(net="iddpm_cifar10", num_timesteps=4000, schedule="linear", var_type="fixed_large",
                                         loss_type="mse", lr=1e-4, ema_decay=0.9999, max_steps=500000, global_batch_size=128),
     "cifar10_iddpm_linear_hybrid": dict(net="iddpm_cifar10", num_timesteps=4000, schedule="linear", var_type="learned_range",

@@ -213,6 +213,20 @@ def test_missing_files_and_missing_data_are_one_line(models, tmp_path):
         evaluate(models, tmp_path, "--data", "DigitsDataModule")
 
 
+def test_checkpoint_without_ema_needs_no_ema(models, tmp_path, monkeypatch):
+    checkpoint = torch.load(models["cosine"], weights_only=True)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ema.")}
+    path = tmp_path / "noema" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save(checkpoint, path)
+    models = {**models, "noema": path}
+    monkeypatch.setattr(runner, "compute_fid_is", FakeFidIs())
+    with pytest.raises(ValueError, match=r"has no EMA weights \(no ema\.\* entries\); use its trained weights with --no_ema$"):
+        evaluate(models, tmp_path / "a", ckpts=("noema",))
+    rows = evaluate(models, tmp_path / "b", "--no_ema", ckpts=("noema",))
+    assert len(rows) == 8 and all(str(row["use_ema"]) == "False" for row in rows)
+
+
 # --------------------------------------------------------------------------------------- comparing checkpoints
 def test_two_checkpoints_are_compared_in_the_table_and_plots(models, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "compute_fid_is", FakeFidIs())

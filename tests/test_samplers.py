@@ -5,6 +5,7 @@ import torch
 
 from ddpm_lightning.diffusion import GaussianDiffusion, get_named_beta_schedule
 from ddpm_lightning.diffusion.samplers import ddim_sample, p_sample
+from ddpm_lightning.diffusion.seeded_noise import SeededNoise
 
 
 def make(**kw):
@@ -37,14 +38,20 @@ def test_skip_fraction_out_of_range(bad):
         make().respace("10").p_sample_loop(net, (1, 1, 2, 2), skip_fraction=bad)
 
 
+PER_SAMPLE = {
+    "cpu generators": lambda seeds: [torch.Generator().manual_seed(s) for s in seeds],
+    "seeded noise": lambda seeds: SeededNoise(torch.tensor(seeds)),
+}
+
+
+@pytest.mark.parametrize("per_sample", PER_SAMPLE.values(), ids=PER_SAMPLE.keys())
 @pytest.mark.parametrize("loop,kwargs", [("p_sample_loop", {}), ("ddim_sample_loop", {"eta": 0.5})])
-def test_per_sample_generators_make_images_independent_of_the_batch(loop, kwargs):
+def test_per_sample_generators_make_images_independent_of_the_batch(loop, kwargs, per_sample):
     r = make().respace("20")
-    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
-    full = getattr(r, loop)(net, (4, 1, 3, 3), generator=gens([10, 11, 12, 13]), **kwargs)
-    part = getattr(r, loop)(net, (2, 1, 3, 3), generator=gens([12, 13]), **kwargs)
+    full = getattr(r, loop)(net, (4, 1, 3, 3), generator=per_sample([10, 11, 12, 13]), **kwargs)
+    part = getattr(r, loop)(net, (2, 1, 3, 3), generator=per_sample([12, 13]), **kwargs)
     torch.testing.assert_close(full[2:], part)
-    again = getattr(r, loop)(net, (4, 1, 3, 3), generator=gens([10, 11, 12, 13]), **kwargs)
+    again = getattr(r, loop)(net, (4, 1, 3, 3), generator=per_sample([10, 11, 12, 13]), **kwargs)
     torch.testing.assert_close(full, again)
     assert not torch.allclose(full[0], full[1])
 
@@ -96,3 +103,16 @@ def test_clip_denoised_keeps_samples_in_range():
     wild = lambda x, t: torch.full_like(x, -50.0)  # eps prediction that implies |x_0| >> 1
     x = make().respace("25").p_sample_loop(wild, (8, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     assert x.abs().max() <= 1.0 + 1e-5
+
+
+def test_class_conditional_images_and_labels_depend_on_the_sample_index_only():
+    """generate_uint8 draws labels and noise per sample on the module's device (SeededNoise)."""
+    from ddpm_lightning.module import DiffusionModule
+    from ddpm_lightning.sampling import generate_uint8
+
+    torch.manual_seed(0)
+    module = DiffusionModule(net="tiny", image_size=8, in_channels=1, class_cond=True, num_classes=10)
+    images, labels = generate_uint8(module, range(5), seed=3, batch_size=2, respacing="4")
+    part_images, part_labels = generate_uint8(module, [3, 4], seed=3, batch_size=5, respacing="4")
+    assert torch.equal(images[3:], part_images) and torch.equal(labels[3:], part_labels)
+    assert labels.device.type == "cpu" and len(set(labels.tolist())) > 1

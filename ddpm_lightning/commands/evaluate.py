@@ -92,7 +92,7 @@ def run_evaluate(argv: list[str], feature_extractor: Optional[Any] = None) -> li
     devices = int(args.devices) if args.devices.lstrip("-").isdigit() else args.devices
     fabric = Fabric(accelerator=args.accelerator, devices=devices, strategy="auto")
     fabric.launch()
-    checkpoints = [sources.load_checkpoint(path, label, image_size=args.image_size, **options)
+    checkpoints = [sources.load_checkpoint(path, label, image_size=args.image_size, use_ema=not args.no_ema, **options)
                    for path, label, options in zip(paths, labels, imports)]
     for checkpoint in checkpoints:
         checkpoint.module.to(fabric.device)

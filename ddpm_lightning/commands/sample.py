@@ -44,7 +44,7 @@ def run_sample(argv: list[str]) -> None:
     devices = int(args.devices) if args.devices.lstrip("-").isdigit() else args.devices
     fabric = Fabric(accelerator=args.accelerator, devices=devices, strategy="auto")
     fabric.launch()
-    module = load_module(args.ckpt_path).to(fabric.device).eval()
+    module = load_module(args.ckpt_path, use_ema=not args.no_ema).to(fabric.device).eval()
 
     # Contiguous shards of the sample indices; each sample's seed depends on its index only.
     rank, world = fabric.global_rank, fabric.world_size

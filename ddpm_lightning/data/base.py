@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ddpm_lightning.data.folder import check_on_corrupt
 from ddpm_lightning.data.in_memory import InMemoryLoader, load_into_memory
+from ddpm_lightning.data.resumable import ResumableDataLoader
 from ddpm_lightning.data.transforms import random_horizontal_flip, to_signed_unit_range
 
 # Fixed, and independent of the global seed, so that every run and every rank holds out the same images.
@@ -143,17 +144,17 @@ class ImageDataModule(L.LightningDataModule):
         if subset is None:
             raise RuntimeError(f"{self.owner}: call setup('{stage}') before asking for its dataloader")
         batch_size = self.device_batch_size()
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        # The same seed source as Lightning's own DistributedSampler, so seed_everything fixes the order.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         if self.in_memory:
-            rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-            # The same seed source as Lightning's own DistributedSampler, so seed_everything fixes the order.
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
             return InMemoryLoader(subset.dataset, subset.indices, batch_size, shuffle, rank, world_size, seed)
-        return DataLoader(
-            subset,
-            batch_size=batch_size,
-            shuffle=shuffle,
+        workers = dict(
             num_workers=self.num_workers,
             # Pinning helps only for host-to-GPU copies, and warns without a GPU.
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+        if shuffle:  # training: an order from (seed, epoch) and a position in checkpoints, for exact resume
+            return ResumableDataLoader(subset, batch_size, rank, world_size, seed, **workers)
+        return DataLoader(subset, batch_size=batch_size, shuffle=False, **workers)

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ddpm_lightning.data.folder import ImageFileDataset, report_corrupt
+from ddpm_lightning.data.resumable import EpochPosition
 from ddpm_lightning.data.tensor_dataset import TensorImageDataset
 
 
@@ -15,7 +16,8 @@ class InMemoryLoader:
 
     # Lightning injects a DistributedSampler only into torch DataLoaders, so this loader shards itself with one
     # and exposes it as `.sampler`: Lightning's loops call `sampler.set_epoch(epoch)` before each epoch, which
-    # reshuffles deterministically from `seed + epoch`.
+    # reshuffles deterministically from `seed + epoch`. That order and the position within the epoch (state_dict,
+    # which Lightning keeps in checkpoints) let a resumed run yield exactly the batches the stopped one had left.
 
     def __init__(
         self,
@@ -36,16 +38,26 @@ class InMemoryLoader:
         )
         # Lightning inspects loaders that have a `sampler` for a `batch_sampler` too.
         self.batch_sampler = None
+        self.position = EpochPosition()
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # A generator: nothing below runs before the first batch is asked for, after Lightning set the epoch.
+        skip = self.position.start(self.sampler.epoch, len(self))
         device = self.dataset.images.device
         order = self.indices[torch.as_tensor(list(self.sampler), dtype=torch.int64)].to(device)
-        for start in range(0, len(order), self.batch_size):
+        for start in range(skip * self.batch_size, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
+            self.position.advance()
             yield self.dataset.images.index_select(0, batch), self.dataset.labels.index_select(0, batch)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position.load_state_dict(state)
 
 
 class _DecodeOrFlag(Dataset):

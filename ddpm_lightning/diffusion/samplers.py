@@ -1,9 +1,10 @@
 """Reverse-process samplers: ancestral DDPM (Ho et al. 2020) and DDIM (Song et al. 2021).
 
 Both share one loop; a step function turns x_t into x_{t-1}. Randomness is injectable: `noise`
-fixes x_T, and `generator` is a torch.Generator or a list of one per sample, so that a sample's
-image depends on its own seed only (sharding a batch across ranks gives the same images). With
-neither, the global RNG is drawn in the same order as improved-diffusion.
+fixes x_T, and `generator` is a torch.Generator, a list of one per sample, or a SeededNoise (per-sample
+and drawn on the device, the fast choice on a GPU). With the last two, a sample's image depends on
+its own seed only (sharding a batch across ranks gives the same images). With neither, the global RNG
+is drawn in the same order as improved-diffusion.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .seeded_noise import SeededNoise
+
 if TYPE_CHECKING:
     from .gaussian_diffusion import GaussianDiffusion
 
-Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+Generators = Union[None, torch.Generator, Sequence[torch.Generator], SeededNoise]
 
 
 def progress_iter(items: Iterable, progress: bool, desc: str) -> Iterable:
@@ -35,6 +38,8 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device, lik
         return torch.randn_like(like) if like is not None else torch.randn(*shape, device=device)
     if isinstance(generator, torch.Generator):
         return torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
+    if isinstance(generator, SeededNoise):
+        return generator.randn(shape).to(device)
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
     return torch.stack(

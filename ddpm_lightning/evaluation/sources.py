@@ -81,14 +81,18 @@ def file_identity(path: str) -> dict[str, Any]:
 
 def load_checkpoint(path: str, label: str, weights_kind: str = "checkpoint", schedule: Optional[str] = None,
                     num_timesteps: Union[int, str, None] = None, var_type: Optional[str] = None,
-                    image_size: Optional[int] = None) -> EvalCheckpoint:
-    """A `ddpm fit` checkpoint, or released weights of weights_kind wrapped as a DiffusionModule, on the CPU."""
+                    image_size: Optional[int] = None, use_ema: bool = True) -> EvalCheckpoint:
+    """A `ddpm fit` checkpoint, or released weights of weights_kind wrapped as a DiffusionModule, on the CPU.
+
+    use_ema=False (`--no_ema`) also accepts a `ddpm fit` checkpoint that holds no EMA weights.
+    """
     if weights_kind not in WEIGHTS_KINDS:
         raise ValueError(f"--weights_kind {weights_kind!r}: valid: {', '.join(WEIGHTS_KINDS)}")
     if weights_kind == "checkpoint":
         from ddpm_lightning.checkpoint_io import load_module
 
-        return EvalCheckpoint(label, path, load_module(path).eval(), {"kind": weights_kind, **file_identity(path)})
+        module = load_module(path, use_ema=use_ema).eval()
+        return EvalCheckpoint(label, path, module, {"kind": weights_kind, **file_identity(path)})
     from ddpm_lightning.pretrained import module_from_pretrained
 
     if num_timesteps is not None and not str(num_timesteps).isdigit():

@@ -1,0 +1,59 @@
+"""Shared by the benchmark scripts: the machine's description, FLOP counts and a plain table printer."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+
+import torch
+
+
+def environment() -> dict:
+    """What the numbers were measured on: card, torch, lightning, date."""
+    import lightning
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"gpu": gpu, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "lightning": lightning.__version__,
+            "cuda": torch.version.cuda, "date": datetime.date.today().isoformat()}
+
+
+def flops_per_forward(preset: str, image_size: int, in_channels: int) -> float:
+    """FLOPs of one image's forward pass of a preset UNet (convolutions and matmuls, 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddpm_lightning.models import build_unet
+
+    net = build_unet(preset, image_size=image_size, in_channels=in_channels).eval()
+    x = torch.zeros(1, in_channels, image_size, image_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, torch.zeros(1, dtype=torch.long))
+    return float(counter.get_total_flops())
+
+
+def print_table(header: list[str], rows: list[list[str]], title: str) -> None:
+    """A markdown table, ready for benchmarks/RESULTS.md."""
+    print(f"\n{title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def diffusers_unet(preset: str, device: torch.device, channels_last: bool):
+    """diffusers' UNet2DModel configured like a project preset (see unet_throughput.diffusers_config)."""
+    from diffusers import UNet2DModel
+
+    from ddpm_lightning.models import build_unet
+    from unet_throughput import diffusers_config
+
+    kwargs, _ = diffusers_config(build_unet(preset).config)
+    net = UNet2DModel(**kwargs).to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net, kwargs
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()

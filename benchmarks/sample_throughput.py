@@ -1,0 +1,164 @@
+"""Sampling throughput (network forwards per second) of the real sampling path, with a diffusers baseline.
+
+Each variant builds a DiffusionModule with the preset network (random weights: speed does not depend
+on them) and its fast-path options, warms up one batch (compilation and graph capture), then times
+`sampling.generate_uint8` (per-sample seeded noise, the respaced DDPM loop, uint8 conversion) over
+`--num_batches` batches. Forward img/s = samples x steps / seconds. The diffusers baseline is a bare
+loop of UNet2DModel forwards on one batch under inference_mode.
+
+    python benchmarks/sample_throughput.py --batch_size 512 --respacing 100 \\
+        --variants fp32 bf16-cl-graph bf16-cl-compile-graph --diffusers bf16-cl-compile-ro
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+import traceback
+
+import torch
+
+from bench_common import diffusers_unet, environment, flops_per_forward, print_table, synchronize
+
+VARIANTS = {
+    "fp32": dict(),
+    "bf16": dict(sample_precision="bf16-mixed"),
+    "bf16-cl": dict(sample_precision="bf16-mixed", channels_last=True),
+    "bf16-cl-graph": dict(sample_precision="bf16-mixed", channels_last=True, cuda_graph=True),
+    "bf16-compile-graph": dict(sample_precision="bf16-mixed", compile=True, cuda_graph=True),
+    "bf16-cl-compile-graph": dict(sample_precision="bf16-mixed", channels_last=True, compile=True, cuda_graph=True),
+    "bf16-cl-compile-ma-graph": dict(sample_precision="bf16-mixed", channels_last=True, compile=True,
+                                     compile_mode="max-autotune-no-cudagraphs", cuda_graph=True),
+}
+DIFFUSERS_MODES = ("fp32", "bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
+
+
+def build_module(preset: str, image_size: int, in_channels: int, device: torch.device, **options):
+    """A random-weights module; seeded, so every variant holds the same weights."""
+    from ddpm_lightning.module import DiffusionModule
+
+    torch.manual_seed(0)
+    module = DiffusionModule(net=preset, image_size=image_size, in_channels=in_channels, **options)
+    # Output layers start at zero; random ones make the output comparison below meaningful.
+    # Drawn in logical order and copied, so that a channels_last weight gets the same values.
+    weight = torch.randn(module.net.conv_out.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.02
+    with torch.no_grad():
+        for net in (module.net, *module.ema.averages):
+            net.conv_out.weight.copy_(weight)
+    return module.to(device).eval()
+
+
+@torch.no_grad()
+def relative_error(module, reference, batch_size: int) -> float:
+    """||fast - fp32 eager|| / ||fp32 eager|| of the sampling network (EMA weights) on one noisy batch."""
+    hp = module.hparams
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch_size, hp.in_channels, hp.image_size, hp.image_size, generator=g).to(module.device)
+    t = torch.randint(0, hp.num_timesteps, (batch_size,), generator=g).to(module.device)
+    fast = module.eval_model()(x, t).float()
+    exact = reference.eval_model()(x, t).float()
+    return float((fast - exact).norm() / exact.norm())
+
+
+def time_variant(module, batch_size: int, num_batches: int, respacing: str) -> float:
+    """Forward passes per second of generate_uint8 over num_batches batches (after a warm-up batch)."""
+    from ddpm_lightning.sampling import generate_uint8
+
+    generate_uint8(module, range(batch_size), seed=1, batch_size=batch_size, respacing="5")  # warm-up, capture
+    steps = module.diffusion.respace(respacing).num_timesteps
+    synchronize(module.device)
+    start = time.perf_counter()
+    images, _ = generate_uint8(module, range(batch_size * num_batches), seed=0, batch_size=batch_size,
+                               respacing=respacing)
+    synchronize(module.device)
+    seconds = time.perf_counter() - start
+    assert images.shape[0] == batch_size * num_batches
+    return batch_size * num_batches * steps / seconds
+
+
+def diffusers_forward(preset: str, mode: str, batch: int, iters: int, device: torch.device) -> float:
+    """Forward img/s of UNet2DModel in a bare inference loop in `mode`."""
+    channels_last = "-cl" in mode
+    net, kwargs = diffusers_unet(preset, device, channels_last)
+    net.eval()
+    call = net
+    if "compile" in mode:
+        call = torch.compile(net, mode="reduce-overhead" if mode.endswith("-ro") else None)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, kwargs["in_channels"], kwargs["sample_size"], kwargs["sample_size"], device=device)
+    x = x.contiguous(memory_format=fmt)
+    t = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        context = torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in mode else contextlib.nullcontext()
+        with torch.inference_mode(), context:
+            call(x, t, return_dict=False)
+
+    for _ in range(3):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    synchronize(device)
+    return batch * iters / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="ddpm_cifar10")
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--in_channels", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--respacing", default="100", help="sampling steps per image")
+    parser.add_argument("--num_batches", type=int, default=2, help="timed batches per variant")
+    parser.add_argument("--variants", nargs="+", default=["bf16-cl-compile-graph"], choices=sorted(VARIANTS))
+    parser.add_argument("--diffusers", nargs="*", default=[], choices=DIFFUSERS_MODES)
+    parser.add_argument("--peak_tflops", type=float, default=800.0, help="for MFU: the card's dense bf16 rate")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    reference = build_module(args.preset, args.image_size, args.in_channels, device)
+    records = {}
+    for name in args.variants:
+        try:
+            module = build_module(args.preset, args.image_size, args.in_channels, device, **VARIANTS[name])
+            rate = time_variant(module, args.batch_size, args.num_batches, args.respacing)
+            # After timing, so the comparison runs on the captured graph (the batch shape is the same).
+            records[name] = {"images_per_s": rate, "rel_error": relative_error(module, reference, args.batch_size)}
+        except Exception as err:  # one failing variant must not cost the others' numbers
+            print(f"[sample] {name}: FAILED {type(err).__name__}: {err}", flush=True)
+            traceback.print_exc()
+            continue
+        print(f"[sample] {name}: {rate:.0f} forward img/s, relative error vs fp32 {records[name]['rel_error']:.1e}",
+              flush=True)
+        del module
+    for mode in args.diffusers:
+        try:
+            rate = diffusers_forward(args.preset, mode, args.batch_size, 20, device)
+        except Exception as err:
+            print(f"[sample] diffusers {mode}: FAILED {type(err).__name__}: {err}", flush=True)
+            continue
+        records[f"diffusers {mode}"] = {"images_per_s": rate}
+        print(f"[sample] diffusers {mode}: {rate:.0f} forward img/s", flush=True)
+    flops = flops_per_forward(args.preset, args.image_size, args.in_channels)
+    best = max((r["images_per_s"] for k, r in records.items() if k.startswith("diffusers")), default=None)
+    rows = []
+    for name, record in records.items():
+        record["mfu"] = record["images_per_s"] * flops / (args.peak_tflops * 1e12)
+        error = f"{record['rel_error']:.1e}" if "rel_error" in record else ""
+        rows.append([name, f"{record['images_per_s']:.0f}", f"{100 * record['mfu']:.1f}%",
+                     f"{record['images_per_s'] / best:.2f}" if best else "", error])
+    print_table(["variant", "forward img/s", "MFU", "vs best diffusers", "rel. error vs fp32"], rows,
+                f"sampling, {args.preset}, batch {args.batch_size}, respacing {args.respacing}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"env": environment(), "args": vars(args), "results": records}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

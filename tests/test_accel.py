@@ -1,0 +1,199 @@
+"""Fast paths compute what the plain paths compute: the graph-mode step (eager on the CPU), channels_last,
+grad_clip, compile's block fallback, and the sampling forward wrapper."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ddpm_lightning.accel import CompiledCall, FastForward
+from ddpm_lightning.accel.fast_forward import autocast_dtype
+from ddpm_lightning.module import DiffusionModule
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops on 2 shared cores run far faster on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _images(n=24, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, size, size, generator=g) * 2 - 1, torch.zeros(n, dtype=torch.long)
+
+
+def _fit(tmp_path, steps=6, trainer_kw=None, **module_kw):
+    """Train a tiny module for `steps` steps on fixed data; returns (module, logged train/loss values)."""
+    L.seed_everything(0, verbose=False)
+    kw = dict(net="tiny", image_size=8, in_channels=1, num_timesteps=50, warmup_steps=3, ema_decay=[0.9, 0.5],
+              net_overrides={"dropout": 0.1})
+    kw.update(module_kw)
+    module = DiffusionModule(**kw)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    x, y = _images()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
+                        default_root_dir=tmp_path, **(trainer_kw or {}))
+    trainer.fit(module, loader)
+    assert trainer.global_step == steps
+    return module, losses, trainer
+
+
+@pytest.mark.parametrize("variant", [
+    dict(),
+    dict(grad_clip=0.05, ema_warmup=True),
+    dict(timestep_sampler="loss-second-moment", var_type="learned_range", loss_type="rescaled_mse"),
+])
+def test_graph_mode_step_equals_the_lightning_step_bit_for_bit(tmp_path, variant):
+    """cuda_graph=True runs TrainStep (eagerly on the CPU): same weights, EMA, optimizer state, losses."""
+    plain, plain_losses, _ = _fit(tmp_path / "a", **variant)
+    with pytest.warns(UserWarning, match="no CUDA device"):
+        graphed, graphed_losses, trainer = _fit(tmp_path / "b", cuda_graph=True, **variant)
+    assert not graphed.automatic_optimization
+    assert graphed_losses == plain_losses
+    for (name, a), b in zip(plain.state_dict().items(), graphed.state_dict().values()):
+        assert torch.equal(a, b), name
+    opt_a = plain.trainer.optimizers[0].state_dict()
+    opt_b = trainer.optimizers[0].state_dict()
+    for key in opt_a["state"]:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(opt_a["state"][key][field]), torch.as_tensor(opt_b["state"][key][field]))
+    # The warmup schedule moved the learning rate in both.
+    assert opt_a["param_groups"][0]["lr"] == pytest.approx(float(opt_b["param_groups"][0]["lr"]))
+    assert float(opt_b["param_groups"][0]["lr"]) == pytest.approx(2e-4)
+
+
+def test_grad_clip_equals_trainer_gradient_clip_val(tmp_path):
+    a, la, _ = _fit(tmp_path / "a", trainer_kw={"gradient_clip_val": 0.01})
+    b, lb, _ = _fit(tmp_path / "b", grad_clip=0.01)
+    c, lc, _ = _fit(tmp_path / "c")
+    assert la == lb and la != lc
+    assert all(torch.equal(x, y) for x, y in zip(a.net.parameters(), b.net.parameters()))
+    with pytest.raises(ValueError, match="set twice"):
+        _fit(tmp_path / "d", grad_clip=0.01, trainer_kw={"gradient_clip_val": 0.01})
+
+
+class FusedOnCPU(DiffusionModule):
+    """Fused AdamW as on a GPU (torch has a CPU kernel too), to meet Lightning's fused-optimizer guard here."""
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        old = config["optimizer"]
+        new = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, fused=True)
+        config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(new, old and (lambda step: 1.0))
+        config["optimizer"] = new
+        return config
+
+
+@pytest.mark.parametrize("clip", ["model", "trainer"])
+def test_clipping_a_fused_optimizer_under_bf16_mixed_precision(tmp_path, clip):
+    """Lightning alone raises "does not allow for gradient clipping" here (found on an H100 run)."""
+    L.seed_everything(0, verbose=False)
+    module = FusedOnCPU(net="tiny", image_size=8, in_channels=1, num_timesteps=50,
+                        grad_clip=1e-3 if clip == "model" else None)
+    x, y = _images()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, gradient_clip_val=1e-3 if clip == "trainer" else None)
+    before = [p.detach().clone() for p in module.net.parameters()]
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert trainer.global_step == 2 and trainer.optimizers[0].defaults["fused"]
+    # Clipped to a tiny norm, AdamW's normalised step is still lr-sized: the weights moved.
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.net.parameters()))
+
+
+def test_channels_last_keeps_the_function_and_the_layout(tmp_path):
+    a, la, _ = _fit(tmp_path / "a", steps=3)
+    b, lb, _ = _fit(tmp_path / "b", steps=3, channels_last=True)
+    conv = b.net.conv_out.weight  # conv_in has one input channel, for which both layouts coincide
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert b.ema.averages[0].conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    # Same function, different summation order in the convolutions: equal up to float32 rounding.
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_fast_path_options_are_one_line():
+    kw = dict(net="tiny", image_size=8, in_channels=1)
+    for bad, match in [
+        (dict(cuda_graph=True, nonfinite_loss="skip"), "nonfinite_loss='skip'"),
+        (dict(cuda_graph=True, compile=True, compile_mode="reduce-overhead"), "makes its own CUDA graphs"),
+        (dict(compile=True, compile_mode="fastest"), "unknown compile_mode 'fastest'; valid"),
+        (dict(sample_precision="bf16"), "unknown sample_precision 'bf16'; valid: 32, bf16-mixed, 16-mixed"),
+        (dict(grad_clip=0.0), "grad_clip must be > 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DiffusionModule(**kw, **bad)
+
+
+class Broken(torch.nn.Module):
+    """Compiles block by block but not whole: its forward fails when traced by dynamo."""
+
+    def __init__(self):
+        super().__init__()
+        from ddpm_lightning.models.layers import ResBlock
+
+        self.block = ResBlock(32, 32, 16)
+        self.calls = 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        if torch.compiler.is_compiling():
+            raise RuntimeError("unsupported at the top level")
+        return self.block(x, torch.zeros(x.shape[0], 16))
+
+
+def test_compile_falls_back_to_blocks_when_the_whole_network_fails(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw)))
+    net = Broken()
+    call = CompiledCall(net, "default")
+    assert compiled == [("Broken", {"mode": None, "dynamic": False})]
+
+    def failing_first_call(*args, **kwargs):
+        raise RuntimeError("backend failed\nlong trace")
+
+    net._compiled_call_impl = failing_first_call  # what Module.compile would have installed
+    x = torch.randn(2, 32, 4, 4)
+    with pytest.warns(UserWarning, match="RuntimeError: backend failed\\); compiled its 1 blocks instead"):
+        out = call(x, torch.zeros(2))
+    assert call.whole is False and compiled[-1] == ("ResBlock", {"mode": None, "dynamic": False})
+    assert net._compiled_call_impl is None and out.shape == x.shape
+    call(x, torch.zeros(2))  # later calls go straight through
+    assert net.calls == 2
+
+
+def test_fast_forward_autocasts_and_returns_float32():
+    net = torch.nn.Conv2d(1, 1, 1)
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, t):
+            seen["dtype"] = net(x).dtype
+            return net(x)
+
+    fast = FastForward(Probe(), precision="bf16-mixed")
+    out = fast(torch.randn(2, 1, 4, 4), torch.zeros(2))
+    assert seen["dtype"] == torch.bfloat16 and out.dtype == torch.float32
+    assert autocast_dtype("32") is None
+
+
+def test_sampling_with_fast_options_matches_the_plain_network():
+    """FastForward in fp32 (no graphs on the CPU) samples exactly what the plain network samples."""
+    plain = DiffusionModule(net="tiny", image_size=8, in_channels=1, num_timesteps=30)
+    fast = DiffusionModule(net="tiny", image_size=8, in_channels=1, num_timesteps=30, cuda_graph=True)
+    fast.load_state_dict(plain.state_dict())
+    assert isinstance(fast.eval_model().net, FastForward)
+    assert fast.eval_model().net is fast.eval_model().net  # cached: graphs are captured once
+    noise = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(fast.sample(3, noise=noise.clone(), generator=torch.Generator().manual_seed(0)),
+                               plain.sample(3, noise=noise.clone(), generator=torch.Generator().manual_seed(0)),
+                               rtol=0, atol=0)
