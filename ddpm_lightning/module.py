@@ -84,8 +84,8 @@ class DiffusionModule(L.LightningModule):
             trainer.gradient_clip_val, which cuda_graph cannot use (set one of the two).
         channels_last: keep the network's weights and the training batches in NHWC memory format
             (faster convolutions on tensor-core GPUs).
-        compile, compile_mode: torch.compile the network (training and sampling), block by block
-            if the whole network fails to compile; compile_mode is torch.compile's mode.
+        compile, compile_mode: on CUDA devices, torch.compile the network (training and sampling),
+            block by block if the whole network fails to compile; compile_mode is torch.compile's mode.
         cuda_graph: on one CUDA device, capture the whole training step (forward, backward,
             clipping, AdamW, EMA) as one CUDA graph and replay it, and replay sampling forwards
             from graphs. Uses manual optimization; needs nonfinite_loss="stop".
@@ -158,9 +158,7 @@ class DiffusionModule(L.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         decays = [ema_decay] if isinstance(ema_decay, (int, float)) else list(ema_decay)
         self.ema = EMA(self.net, decays, warmup=ema_warmup)
-        # Compiled after the EMA copies are made: they are compiled, if at all, for sampling only.
-        network = CompiledCall(self.net, compile_mode) if compile else self.net
-        self.model = TimestepRescaler(network, num_timesteps, class_cond)
+        self.model = TimestepRescaler(self.net, num_timesteps, class_cond)
         self.quartiles = QuartileLog(num_timesteps)
         self._train_step: Optional[TrainStep] = None
         self._fast_nets: dict[int, FastForward] = {}
@@ -346,6 +344,14 @@ class DiffusionModule(L.LightningModule):
         # images; offsetting by rank keeps the ranks' draws independent (and still reproducible).
         if stage == "fit" and self.trainer.world_size > 1:
             torch.manual_seed(torch.initial_seed() + 1_000_003 * self.trainer.global_rank)
+
+    def on_fit_start(self) -> None:
+        # Compiled once on its device, after the EMA copies were made (they compile, if at all, for sampling).
+        if self.hparams.compile and not isinstance(self.model.net, CompiledCall):
+            if self.device.type == "cuda":
+                self.model.net = CompiledCall(self.net, self.hparams.compile_mode)
+            else:
+                rank_zero_warn(f"compile: applies on CUDA devices only; training on {self.device.type} runs eagerly")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()

@@ -197,3 +197,13 @@ def test_sampling_with_fast_options_matches_the_plain_network():
     torch.testing.assert_close(fast.sample(3, noise=noise.clone(), generator=torch.Generator().manual_seed(0)),
                                plain.sample(3, noise=noise.clone(), generator=torch.Generator().manual_seed(0)),
                                rtol=0, atol=0)
+
+
+def test_compile_is_for_cuda_devices_only(tmp_path, monkeypatch):
+    """Paper configs turn compile on; on the CPU training and sampling run eagerly, with one warning."""
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: pytest.fail("compiled on the CPU"))
+    with pytest.warns(UserWarning, match="compile: applies on CUDA devices only; training on cpu runs eagerly"):
+        module, _, _ = _fit(tmp_path, steps=2, compile=True)
+    assert module.model.net is module.net
+    module.sample(2, respacing="3")
+    assert module.eval_model().net.call is module.ema.averages[0]

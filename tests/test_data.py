@@ -525,6 +525,15 @@ def test_datamodule_in_memory_loader_uses_trainer_rank_and_world_size():
     assert set(shards[0]).isdisjoint(shards[1]) and set(shards[0]) | set(shards[1]) == set(dm.train_dataset.indices)
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_training_drops_the_short_last_batch_and_validation_keeps_it(in_memory):
+    dm = DigitsDataModule(in_memory=in_memory, batch_size=64, num_val_samples=100)
+    dm.setup("fit")
+    train = [len(labels) for _, labels in dm.train_dataloader()]
+    assert len(dm.train_dataset) % 64 and train == [64] * (len(dm.train_dataset) // 64) == [64] * len(dm.train_dataloader())
+    assert sum(len(labels) for _, labels in dm.val_dataloader()) == 100
+
+
 def test_in_memory_data_moves_to_the_trainers_accelerator():
     # "meta" stands in for a CUDA device: setup() must move the tensor to the strategy's root device.
     dm = DigitsDataModule(in_memory=True, batch_size=32)
@@ -622,7 +631,7 @@ def test_trainer_runs_without_validation_split():
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
-    assert len(model.train_batches) == 4 and model.val_batches == []
+    assert len(model.train_batches) == 1797 // 512 and model.val_batches == []  # the short last batch is dropped
 
 
 def test_global_batch_size_is_split_over_processes_and_accumulation():

@@ -23,6 +23,8 @@ def autocast_dtype(precision: str) -> Optional[torch.dtype]:
 class FastForward:
     """Calls net(x, t[, y]) for sampling: 1,000 (or 100) calls on one batch shape per image batch.
 
+    compile and cuda_graph apply on CUDA devices; elsewhere only the autocast precision does.
+
     Why graphs: a sampling step is a forward pass of a few hundred kernels on a fixed shape, and at
     small images the host cannot launch them as fast as the GPU runs them. Each (shape, dtype) is
     captured once, after two warm-up calls on a side stream, and replayed with the inputs copied in.
@@ -36,12 +38,15 @@ class FastForward:
                  compile_mode: Optional[str] = None, cuda_graph: bool = False):
         self.net = net
         self.dtype = autocast_dtype(precision)
-        self.call = CompiledCall(net, compile_mode) if compile else net
+        self.compile, self.compile_mode = compile, compile_mode
+        self.call = net  # compiled at the first call on a CUDA device
         self.cuda_graph = cuda_graph
         self.graphs: dict[tuple, dict[str, Any]] = {}
         self.pool = None
 
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        if self.compile and x.is_cuda and self.call is self.net:
+            self.call = CompiledCall(self.net, self.compile_mode)
         if not (self.cuda_graph and x.is_cuda and not torch.is_grad_enabled() and not self.net.training):
             return self._run(x, t, y, capturing=False)
         key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, None if y is None else (tuple(y.shape), y.dtype))

@@ -1,4 +1,5 @@
 """Shared DataModule base: deterministic split, loaders, and on-device conversion to [-1, 1] with flips."""
+import math
 import os
 from typing import Any
 
@@ -145,10 +146,15 @@ class ImageDataModule(L.LightningDataModule):
             raise RuntimeError(f"{self.owner}: call setup('{stage}') before asking for its dataloader")
         batch_size = self.device_batch_size()
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        # Training drops each epoch's short last batch, as improved-diffusion's loader does: every step
+        # sees the configured batch, and a captured or compiled step keeps one shape. A set smaller than
+        # one batch keeps its only (short) batch rather than train on nothing.
+        drop_last = shuffle and math.ceil(len(subset) / world_size) >= batch_size
         # The same seed source as Lightning's own DistributedSampler, so seed_everything fixes the order.
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         if self.in_memory:
-            return InMemoryLoader(subset.dataset, subset.indices, batch_size, shuffle, rank, world_size, seed)
+            return InMemoryLoader(subset.dataset, subset.indices, batch_size, shuffle, rank, world_size, seed,
+                                  drop_last=drop_last)
         workers = dict(
             num_workers=self.num_workers,
             # Pinning helps only for host-to-GPU copies, and warns without a GPU.
@@ -156,5 +162,5 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
         if shuffle:  # training: an order from (seed, epoch) and a position in checkpoints, for exact resume
-            return ResumableDataLoader(subset, batch_size, rank, world_size, seed, **workers)
+            return ResumableDataLoader(subset, batch_size, rank, world_size, seed, drop_last=drop_last, **workers)
         return DataLoader(subset, batch_size=batch_size, shuffle=False, **workers)

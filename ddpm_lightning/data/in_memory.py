@@ -28,10 +28,12 @@ class InMemoryLoader:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        drop_last: bool = False,
     ) -> None:
         self.dataset = dataset
         self.indices = torch.as_tensor(indices, dtype=torch.int64)
         self.batch_size = batch_size
+        self.drop_last = drop_last
         # Pads by repeating a few samples so that every rank gets as many batches (DDP would hang otherwise).
         self.sampler = DistributedSampler(
             range(len(self.indices)), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
@@ -41,6 +43,8 @@ class InMemoryLoader:
         self.position = EpochPosition()
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.sampler) // self.batch_size
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -48,7 +52,7 @@ class InMemoryLoader:
         skip = self.position.start(self.sampler.epoch, len(self))
         device = self.dataset.images.device
         order = self.indices[torch.as_tensor(list(self.sampler), dtype=torch.int64)].to(device)
-        for start in range(skip * self.batch_size, len(order), self.batch_size):
+        for start in range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
             batch = order[start : start + self.batch_size]
             self.position.advance()
             yield self.dataset.images.index_select(0, batch), self.dataset.labels.index_select(0, batch)
