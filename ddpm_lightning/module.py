@@ -229,6 +229,8 @@ class DiffusionModule(L.LightningModule):
     def _make_train_step(self, optimizer: torch.optim.Optimizer) -> TrainStep:
         # One device only: DDP's gradient all-reduce hooks are not captured. Several devices (or the
         # CPU) run the same step uncaptured, so one config serves every machine.
+        if self._loss_scaled():
+            raise ValueError("cuda_graph does not apply fp16 loss scaling; use --trainer.precision=bf16-mixed or 32")
         capture = self.device.type == "cuda" and self.trainer.world_size == 1
         if not capture:
             reason = "no CUDA device" if self.device.type != "cuda" else f"{self.trainer.world_size} processes"

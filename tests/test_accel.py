@@ -72,6 +72,14 @@ def test_graph_mode_step_equals_the_lightning_step_bit_for_bit(tmp_path, variant
     assert float(opt_b["param_groups"][0]["lr"]) == pytest.approx(2e-4)
 
 
+def test_graph_mode_refuses_fp16_loss_scaling(monkeypatch):
+    # Lightning turns 16-mixed into bf16-mixed on the CPU, so the Trainer's precision is stood in for.
+    module = DiffusionModule(net="tiny", image_size=8, in_channels=1, cuda_graph=True)
+    monkeypatch.setattr(module, "_loss_scaled", lambda: True)
+    with pytest.raises(ValueError, match="cuda_graph does not apply fp16 loss scaling; use --trainer.precision=bf16"):
+        module._make_train_step(torch.optim.AdamW(module.net.parameters()))
+
+
 def test_grad_clip_equals_trainer_gradient_clip_val(tmp_path):
     a, la, _ = _fit(tmp_path / "a", trainer_kw={"gradient_clip_val": 0.01})
     b, lb, _ = _fit(tmp_path / "b", grad_clip=0.01)
