@@ -21,11 +21,11 @@ if [ -f .data/cifar10-train-jpg.tar.gz ] && [ ! -d "$DATA/train" ]; then
 fi
 cd benchmarks
 filter='^\[|^\||^[a-z]+,|FAILED|Error'
-timeout ${TRAIN_TIMEOUT:-330} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-cl-graph bf16-cl fp32} \
+timeout ${TRAIN_TIMEOUT:-330} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-graph bf16-cl fp32} \
   --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-150} --profile_steps 5 --profile_dir "$OUT" \
   --json "$OUT/train.json" --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \
   --data.init_args.in_memory=true --data.init_args.num_workers=16 --trainer.callbacks=[] 2>&1 | tee "$OUT/train.log" | grep -E "$filter"
-timeout ${SAMPLE_TIMEOUT:-200} python3 sample_throughput.py --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-cl-graph fp32} \
+timeout ${SAMPLE_TIMEOUT:-200} python3 sample_throughput.py --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-graph} --profile_dir "$OUT" \
   --diffusers ${SAMPLE_DIFFUSERS:-bf16-cl bf16-cl-compile-ro} --batch_size 512 --respacing 100 --num_batches 2 \
   --json "$OUT/sample.json" 2>&1 | tee "$OUT/sample.log" | grep -E "$filter"
 timeout ${FID_TIMEOUT:-150} python3 fid_throughput.py --variant ${FID_VARIANT:-bf16-cl-compile-graph} --num_samples ${FID_SAMPLES:-10240} \

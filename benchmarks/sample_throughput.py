@@ -78,6 +78,21 @@ def time_variant(module, batch_size: int, num_batches: int, respacing: str) -> f
     return batch_size * num_batches * steps / seconds
 
 
+def profile_variant(module, batch_size: int, respacing: str, path: str) -> None:
+    """Kernel time by operator over one batch of sampling (run after time_variant: compiled and captured)."""
+    from ddpm_lightning.sampling import generate_uint8
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if module.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        generate_uint8(module, range(batch_size), seed=2, batch_size=batch_size, respacing=respacing)
+        synchronize(module.device)
+    sort = "self_device_time_total" if module.device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as handle:
+        handle.write(profiler.key_averages().table(sort_by=sort, row_limit=40))
+
+
 def diffusers_forward(preset: str, mode: str, batch: int, iters: int, device: torch.device) -> float:
     """Forward img/s of UNet2DModel in a bare inference loop in `mode`."""
     channels_last = "-cl" in mode
@@ -118,6 +133,7 @@ def main() -> None:
     parser.add_argument("--diffusers", nargs="*", default=[], choices=DIFFUSERS_MODES)
     parser.add_argument("--peak_tflops", type=float, default=800.0, help="for MFU: the card's dense bf16 rate")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile_dir", default=None, help="write profile-<variant>.txt (one batch) here")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -130,6 +146,8 @@ def main() -> None:
             rate = time_variant(module, args.batch_size, args.num_batches, args.respacing)
             # After timing, so the comparison runs on the captured graph (the batch shape is the same).
             records[name] = {"images_per_s": rate, "rel_error": relative_error(module, reference, args.batch_size)}
+            if args.profile_dir:
+                profile_variant(module, args.batch_size, args.respacing, f"{args.profile_dir}/profile-sample-{name}.txt")
         except Exception as err:  # one failing variant must not cost the others' numbers
             print(f"[sample] {name}: FAILED {type(err).__name__}: {err}", flush=True)
             traceback.print_exc()

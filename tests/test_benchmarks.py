@@ -34,8 +34,9 @@ def test_train_throughput_through_ddpm_fit(tmp_path):
 def test_sample_throughput_compares_each_fast_path_with_fp32(tmp_path):
     record, _ = run("sample_throughput.py", tmp_path, "--preset", "tiny", "--image_size", "8", "--in_channels", "1",
                     "--batch_size", "4", "--respacing", "3", "--num_batches", "1", "--variants", "fp32", "bf16-cl-graph",
-                    "--diffusers", "bf16-cl")
+                    "--diffusers", "bf16-cl", "--profile_dir", str(tmp_path))
     results = record["results"]
+    assert "Self CPU" in (tmp_path / "profile-sample-fp32.txt").read_text()
     assert results["fp32"]["rel_error"] == 0.0
     assert 0 < results["bf16-cl-graph"]["rel_error"] < 3e-2  # bf16 rounding, not a different function
     assert results["diffusers bf16-cl"]["images_per_s"] > 0
