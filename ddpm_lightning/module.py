@@ -184,6 +184,18 @@ class DiffusionModule(L.LightningModule):
                                                    hp.cuda_graph)
         return self._fast_nets[id(net)]
 
+    def set_sampling_options(self, precision: Optional[str] = None, compile: Optional[bool] = None,
+                             cuda_graph: Optional[bool] = None) -> None:
+        """Override the sampling fast paths a checkpoint recorded (None keeps its value), e.g. fp32 for FID."""
+        if precision is not None:
+            autocast_dtype(precision)
+            self.hparams.sample_precision = precision
+        if compile is not None:
+            self.hparams.compile = compile
+        if cuda_graph is not None:
+            self.hparams.cuda_graph = cuda_graph
+        self._fast_nets.clear()
+
     # ---------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x_start, y = batch

@@ -77,6 +77,27 @@ def test_sample_from_checkpoint_alone(trained, tmp_path):
     assert d.shape == b.shape
 
 
+def test_sample_precision_flag_overrides_the_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    from ddpm_lightning.module import DiffusionModule
+
+    ckpt = trained[0] / "checkpoints" / "last.ckpt"
+    seen = []
+    original = DiffusionModule.set_sampling_options
+    monkeypatch.setattr(DiffusionModule, "set_sampling_options",
+                        lambda self, *args: (original(self, *args), seen.append((dict(self.hparams), self)))[0])
+    sample(ckpt, tmp_path / "a", "--num_samples", "2")
+    sample(ckpt, tmp_path / "b", "--num_samples", "2", "--sample_precision", "bf16-mixed")
+    (exact, exact_module), (fast, fast_module) = seen
+    assert exact["sample_precision"] == "32" and exact_module.eval_model().net is exact_module.ema.averages[0]
+    assert fast["sample_precision"] == "bf16-mixed" and fast_module.eval_model().net.dtype == torch.bfloat16
+    assert fast["compile"] is False and fast["cuda_graph"] is False  # unset flags keep the checkpoint's
+    with pytest.raises(SystemExit) as exit_info:
+        sample(ckpt, tmp_path / "c", "--sample_precision", "bf16")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ddpm: error: unknown sample_precision 'bf16'; valid: 32, bf16-mixed, 16-mixed")
+
+
 def test_sample_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--output_dir", str(tmp_path)])

@@ -213,6 +213,17 @@ def test_missing_files_and_missing_data_are_one_line(models, tmp_path):
         evaluate(models, tmp_path, "--data", "DigitsDataModule")
 
 
+def test_sampling_precision_is_part_of_a_cells_identity(models, tmp_path, monkeypatch):
+    fake = FakeFidIs()
+    monkeypatch.setattr(runner, "compute_fid_is", fake)
+    evaluate(models, tmp_path, "--respacing", "5", "--sampler", "ddpm", "--skip_fraction", "0")
+    evaluate(models, tmp_path, "--respacing", "5", "--sampler", "ddpm", "--skip_fraction", "0")
+    assert len(fake.calls) == 1  # the float32 cell is reused
+    evaluate(models, tmp_path, "--respacing", "5", "--sampler", "ddpm", "--skip_fraction", "0",
+             "--sample_precision", "bf16-mixed")
+    assert len(fake.calls) == 2  # a bf16 cell is another cell
+
+
 def test_checkpoint_without_ema_needs_no_ema(models, tmp_path, monkeypatch):
     checkpoint = torch.load(models["cosine"], weights_only=True)
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ema.")}

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from jsonargparse import ArgumentParser
 
+from ddpm_lightning.commands.speed_options import add_speed_arguments, apply_speed_options
 from ddpm_lightning.data.base import ImageDataModule
 from ddpm_lightning.evaluation.grid import DDIM_SPACINGS
 from ddpm_lightning.evaluation.sources import WEIGHTS_KINDS
@@ -52,6 +53,7 @@ def build_parser() -> ArgumentParser:
     add("--var_type", type=Optional[str], default=None, help="imported weights (default: learned_range if learned)")
     add("--image_size", type=Optional[int], default=None, help="imported weights whose size cannot be inferred")
     add("--wandb_project", type=Optional[str], default=None, help="log the table and plots to this W&B project")
+    add_speed_arguments(parser)
     add("--accelerator", type=str, default="auto")
     add("--devices", type=str, default="1", help='"1", "4", or "-1" for every visible device')
     return parser
@@ -95,6 +97,7 @@ def run_evaluate(argv: list[str], feature_extractor: Optional[Any] = None) -> li
     checkpoints = [sources.load_checkpoint(path, label, image_size=args.image_size, use_ema=not args.no_ema, **options)
                    for path, label, options in zip(paths, labels, imports)]
     for checkpoint in checkpoints:
+        apply_speed_options(checkpoint.module, args)
         checkpoint.module.to(fabric.device)
     cells = grid.build_grid(labels, samplers, steps, skip_fractions, args.eta)
     grid.check_grid(cells, {c.label: c.module.hparams.num_timesteps for c in checkpoints}, args.ddim_spacing)

@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 from jsonargparse import ArgumentParser
 
+from ddpm_lightning.commands.speed_options import add_speed_arguments, apply_speed_options
 from ddpm_lightning.sampling import SAMPLERS
 
 
@@ -23,6 +24,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--no_ema", action="store_true", help="sample with the trained weights, not the EMA")
     parser.add_argument("--seed", type=int, default=0)
+    add_speed_arguments(parser)
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--devices", type=str, default="1", help='"1", "4", or "-1" for every visible device')
     parser.add_argument("--grid_size", type=int, default=64, help="images in grid.png")
@@ -44,7 +46,9 @@ def run_sample(argv: list[str]) -> None:
     devices = int(args.devices) if args.devices.lstrip("-").isdigit() else args.devices
     fabric = Fabric(accelerator=args.accelerator, devices=devices, strategy="auto")
     fabric.launch()
-    module = load_module(args.ckpt_path, use_ema=not args.no_ema).to(fabric.device).eval()
+    module = load_module(args.ckpt_path, use_ema=not args.no_ema)
+    apply_speed_options(module, args)
+    module = module.to(fabric.device).eval()
 
     # Contiguous shards of the sample indices; each sample's seed depends on its index only.
     rank, world = fabric.global_rank, fabric.world_size

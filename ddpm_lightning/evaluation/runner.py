@@ -80,7 +80,8 @@ def evaluate_grid(
               "features": feature_extractor.cache_name, "reference": _digest(reference.mu, reference.sigma)}
     respacings = [respacing_string(c, by_label[c.label].module.hparams.num_timesteps, ddim_spacing) for c in cells]
     keys = [{"metric": "fid_is", "model": by_label[cell.label].identity, "sampler": cell.sampler, "steps": cell.steps,
-             "respacing": respacing or "full", "skip_fraction": cell.skip_fraction, "eta": cell.eta, **shared}
+             "respacing": respacing or "full", "skip_fraction": cell.skip_fraction, "eta": cell.eta, **shared,
+             **_precision(by_label[cell.label])}
             for cell, respacing in zip(cells, respacings)]
     results = broadcast_from_rank_zero([store.get(key) for key in keys] if rank == 0 else None)
     bpd: dict[str, float] = {}
@@ -120,6 +121,12 @@ def evaluate_grid(
         plot_fid_vs_steps(table, Path(output_dir) / PLOT_NAMES[0])
         plot_fid_vs_skip(table, Path(output_dir) / PLOT_NAMES[1])
     return table
+
+
+def _precision(checkpoint: EvalCheckpoint) -> dict[str, str]:
+    """The sampling precision, part of a cell's identity when it is not float32 (keys of float32 cells predate it)."""
+    precision = checkpoint.module.hparams.get("sample_precision", "32")
+    return {} if precision == "32" else {"sample_precision": precision}
 
 
 def _row(cell: Cell, respacing: Optional[str], result: dict[str, Any], checkpoint: EvalCheckpoint,

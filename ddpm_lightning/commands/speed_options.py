@@ -1,0 +1,20 @@
+"""Sampling fast-path flags shared by `ddpm sample` and `ddpm evaluate`; each defaults to the checkpoint's."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+def add_speed_arguments(parser: Any) -> None:
+    """--sample_precision, --compile and --cuda_graph, overriding what the checkpoint's hyperparameters say."""
+    parser.add_argument("--sample_precision", type=Optional[str], default=None,
+                        help="network autocast while sampling: 32 | bf16-mixed | 16-mixed (default: the checkpoint's)")
+    parser.add_argument("--compile", type=Optional[bool], default=None,
+                        help="torch.compile the sampling network on CUDA (default: the checkpoint's)")
+    parser.add_argument("--cuda_graph", type=Optional[bool], default=None,
+                        help="replay sampling forwards from CUDA graphs on CUDA (default: the checkpoint's)")
+
+
+def apply_speed_options(module: Any, args: Any) -> None:
+    """Apply the flags given to a loaded DiffusionModule (unset flags keep the checkpoint's choice)."""
+    module.set_sampling_options(args.sample_precision, args.compile, args.cuda_graph)
