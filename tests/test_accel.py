@@ -1,6 +1,8 @@
 """Fast paths compute what the plain paths compute: the graph-mode step (eager on the CPU), channels_last,
 grad_clip, compile's block fallback, and the sampling forward wrapper."""
 
+import contextlib
+
 import lightning as L
 import pytest
 import torch
@@ -215,3 +217,27 @@ def test_compile_is_for_cuda_devices_only(tmp_path, monkeypatch):
     assert module.model.net is module.net
     module.sample(2, respacing="3")
     assert module.eval_model().net.call is module.ema.averages[0]
+
+
+def test_a_failed_capture_trains_on_uncaptured(tmp_path, monkeypatch):
+    """Stands in for a GPU on which capture fails: the run warns and goes on with the same step, uncaptured."""
+    from ddpm_lightning.accel import TrainStep
+
+    def fake_capture(self, *args):
+        raise RuntimeError("operation not permitted when stream is capturing\n(long CUDA message)")
+
+    original_init = TrainStep.__init__
+
+    def capturing_init(self, module, optimizer, capture, warmup_steps=3):
+        original_init(self, module, optimizer, capture=True, warmup_steps=0)  # capture at the first step
+
+    monkeypatch.setattr(TrainStep, "__init__", capturing_init)
+    monkeypatch.setattr(TrainStep, "_capture", fake_capture)
+    monkeypatch.setattr(TrainStep, "_autocast", lambda self: contextlib.nullcontext())
+    plain, plain_losses, _ = _fit(tmp_path / "a", steps=5)
+    with pytest.warns(UserWarning, match="capturing the training step failed \\(operation not permitted when "
+                                         "stream is capturing\\); training continues without a graph"):
+        fallback, losses, _ = _fit(tmp_path / "b", steps=5, cuda_graph=True)
+    assert fallback._train_step.capture is False and fallback._train_step.graph is None
+    assert losses == plain_losses
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fallback.state_dict().values()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -50,7 +51,15 @@ class FastForward:
         if not (self.cuda_graph and x.is_cuda and not torch.is_grad_enabled() and not self.net.training):
             return self._run(x, t, y, capturing=False)
         key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, None if y is None else (tuple(y.shape), y.dtype))
-        entry = self.graphs.get(key) or self._capture(key, x, t, y)
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(key, x, t, y)
+            except RuntimeError as err:  # e.g. an op that syncs with the host: sample without graphs
+                self.cuda_graph = False
+                warnings.warn(f"cuda_graph: capturing the sampling network failed "
+                              f"({str(err).splitlines()[0][:200]}); sampling continues without graphs")
+                return self._run(x, t, y, capturing=False)
         entry["x"].copy_(x)
         entry["t"].copy_(t)
         if y is not None:

@@ -15,6 +15,7 @@ how tests/test_accel.py checks it against the Lightning path bit for bit.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -57,6 +58,7 @@ class TrainStep:
         # the schedule and the EMA warmup still move between replays (a Python float would be
         # frozen into the graph). Done here, after any checkpoint restored plain floats.
         device = self.params[0].device
+        self._plain_groups = [(group["lr"], group["capturable"]) for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             if not isinstance(group["lr"], Tensor):
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
@@ -84,7 +86,18 @@ class TrainStep:
             # Warm-up, or a batch of another shape (a short last batch): a real step, eagerly.
             self.eager_calls += 1
             return self._eager_on_side_stream(x_start, y, t, weights, ema_updates)
-        self._capture(x_start, y, t, weights, ema_updates, key)
+        try:
+            self._capture(x_start, y, t, weights, ema_updates, key)
+        except RuntimeError as err:
+            # Something in this configuration cannot be captured (a host sync, say). A capture only records,
+            # so nothing of this step has run yet: train on, uncaptured, rather than stop a run.
+            self.graph, self.capture = None, False
+            for group, (lr, capturable) in zip(self.optimizer.param_groups, self._plain_groups):
+                group["lr"], group["capturable"] = float(group["lr"]) if not isinstance(lr, Tensor) else lr, capturable
+            warnings.warn(f"cuda_graph: capturing the training step failed ({str(err).splitlines()[0][:200]}); "
+                          "training continues without a graph")
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._body(x_start, y, t, weights, ema_updates)
         self.graph.replay()  # capturing only records: this replay runs the step for this batch
         return self.outputs
 
