@@ -22,12 +22,12 @@ if [ -f .data/cifar10-train-jpg.tar.gz ] && [ ! -d "$DATA/train" ]; then
 fi
 cd benchmarks
 filter='^\[|^\||^[a-z]+,|FAILED|Error'
-timeout ${TRAIN_TIMEOUT:-290} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-graph bf16-cl fp32} \
-  --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-150} --profile_steps 5 --profile_dir "$OUT" \
+timeout ${TRAIN_TIMEOUT:-330} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-compile-graph+ca bf16-cl} \
+  --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-100} --profile_steps 5 --profile_dir "$OUT" \
   --json "$OUT/train.json" --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \
   --data.init_args.in_memory=true --data.init_args.num_workers=16 --trainer.callbacks=[] 2>&1 | tee "$OUT/train.log" | grep -E "$filter"
-timeout ${SAMPLE_TIMEOUT:-190} python3 sample_throughput.py --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-graph} --profile_dir "$OUT" \
+timeout ${SAMPLE_TIMEOUT:-170} python3 sample_throughput.py --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-graph} --profile_dir "$OUT" \
   --diffusers ${SAMPLE_DIFFUSERS:-bf16-cl bf16-cl-compile-ro} --batch_size 512 --respacing 100 --num_batches 2 \
   --json "$OUT/sample.json" 2>&1 | tee "$OUT/sample.log" | grep -E "$filter"
-timeout ${FID_TIMEOUT:-100} python3 fid_throughput.py --variant ${FID_VARIANT:-bf16-cl-compile-graph} --num_samples ${FID_SAMPLES:-5120} \
+timeout ${FID_TIMEOUT:-80} python3 fid_throughput.py --variant ${FID_VARIANT:-bf16-cl-compile-graph} --num_samples ${FID_SAMPLES:-5120} \
   --batch_size 512 --respacing 100 --json "$OUT/fid.json" 2>&1 | tee "$OUT/fid.log" | grep -E "$filter"

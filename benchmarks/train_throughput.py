@@ -39,6 +39,10 @@ VARIANTS = {
                            "--model.cuda_graph=true"],
     "bf16-cl-compile-graph": ["--trainer.precision=bf16-mixed", "--model.channels_last=true", "--model.compile=true",
                               "--model.cuda_graph=true"],
+    # An experiment: compiled autograd traces AccumulateGrad too, so inductor may write each weight gradient in
+    # its parameter's layout instead of leaving a strided copy per weight (see RESULTS.md's profile).
+    "bf16-cl-compile-graph+ca": ["--trainer.precision=bf16-mixed", "--model.channels_last=true", "--model.compile=true",
+                              "--model.cuda_graph=true"],
 }
 DIFFUSERS_MODES = ("bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
 
@@ -84,7 +88,7 @@ class StepTimer(L.Callback):
 
 
 def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root: str, profile_steps: int = 0,
-                profile_path: str | None = None) -> dict:
+                profile_path: str | None = None, compiled_autograd: bool = False) -> dict:
     """One `ddpm fit` run with a StepTimer; returns images/s and the run's facts."""
     from ddpm_lightning.config_bases import expand_config_bases
     from ddpm_lightning.lightning_cli import DDPMCLI
@@ -100,7 +104,13 @@ def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root
     timer = StepTimer(warmup, steps, profile_steps, profile_path)
     cli.trainer.callbacks.append(timer)
     start = time.perf_counter()
-    cli.trainer.fit(cli.model, cli.datamodule)
+    import torch._dynamo
+
+    torch._dynamo.config.compiled_autograd = compiled_autograd
+    try:
+        cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        torch._dynamo.config.compiled_autograd = False
     batch = cli.datamodule.device_batch_size() * cli.trainer.world_size
     return {"images_per_s": batch * steps / timer.seconds, "batch": batch, "seconds": timer.seconds,
             "wall_s": time.perf_counter() - start, "net": cli.model.hparams.net, "image_size": cli.model.hparams.image_size,
@@ -159,7 +169,8 @@ def main() -> None:
     for name in args.variants:
         try:
             result = run_variant(args.config, VARIANTS[name] + args.set, args.warmup, args.steps,
-                                 f"{args.root}/{name}", args.profile_steps, f"{args.profile_dir}/profile-{name}.txt")
+                                 f"{args.root}/{name}", args.profile_steps, f"{args.profile_dir}/profile-{name}.txt",
+                                 compiled_autograd=name.endswith("+ca"))
         except Exception as err:  # one failing variant must not cost the others' numbers
             print(f"[train] {name}: FAILED {type(err).__name__}: {err}", flush=True)
             traceback.print_exc()
