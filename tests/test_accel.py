@@ -241,3 +241,27 @@ def test_a_failed_capture_trains_on_uncaptured(tmp_path, monkeypatch):
     assert fallback._train_step.capture is False and fallback._train_step.graph is None
     assert losses == plain_losses
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fallback.state_dict().values()))
+
+
+def test_the_paper_config_with_its_fast_paths_trains_on_a_cpu(tmp_path, recwarn):
+    """cifar10_ddpm.yaml as shipped (bf16-mixed, channels_last, compile, cuda_graph, in-memory data), on the
+    CPU: compile and the graph step give way with a warning each; the run trains and writes last.ckpt."""
+    from pathlib import Path
+
+    from test_data import write_cifar_folder
+
+    from ddpm_lightning.cli import main
+
+    write_cifar_folder(tmp_path / "cifar" / "train", per_class=3)
+    root = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(root / "experiments" / "cifar10_ddpm.yaml"), "--trainer.callbacks=[]",
+          "--model.net=tiny", "--data.init_args.image_size=8", "--data.init_args.source=folder", f"--data.init_args.data_dir={tmp_path / 'cifar'}",
+          "--data.init_args.global_batch_size=4", "--data.init_args.num_workers=0", "--trainer.max_steps=2",
+          "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    hp = checkpoint["hyper_parameters"]
+    assert checkpoint["global_step"] == 2 and hp["cuda_graph"] and hp["compile"] and hp["channels_last"]
+    assert hp["grad_clip"] == 1.0 and hp["sample_precision"] == "bf16-mixed"
+    messages = [str(w.message) for w in recwarn]
+    assert any("compile: applies on CUDA devices only" in m for m in messages)
+    assert any("cuda_graph: no CUDA device" in m for m in messages)
