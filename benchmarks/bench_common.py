@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 
 import torch
@@ -57,3 +58,9 @@ def diffusers_unet(preset: str, device: torch.device, channels_last: bool):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def write_json(path: str, args, results: dict, **extra) -> None:
+    """The machine, the arguments and the results, as the files in benchmarks/results/ hold them."""
+    with open(path, "w") as handle:
+        json.dump({"env": environment(), "args": vars(args), **extra, "results": results}, handle, indent=2)

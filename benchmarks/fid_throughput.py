@@ -12,7 +12,6 @@ Inception features alone, on random uint8 images, to split the total.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from bench_common import environment, synchronize
+from bench_common import synchronize, write_json
 from sample_throughput import VARIANTS, build_module
 
 
@@ -93,8 +92,7 @@ def main() -> None:
     print(f"| {args.num_samples} | {total:.1f} | {inception_seconds:.1f} | {total * scale:.0f} s "
           f"({total * scale / 60:.1f} min) |")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"env": environment(), "args": vars(args), "results": record}, handle, indent=2)
+        write_json(args.json, args, record)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 import traceback
 
 import torch
 
-from bench_common import diffusers_unet, environment, flops_per_forward, print_table, synchronize
+from bench_common import diffusers_unet, flops_per_forward, print_table, synchronize, write_json
 
 VARIANTS = {
     "fp32": dict(),
@@ -174,8 +173,7 @@ def main() -> None:
     print_table(["variant", "forward img/s", "MFU", "vs best diffusers", "rel. error vs fp32"], rows,
                 f"sampling, {args.preset}, batch {args.batch_size}, respacing {args.respacing}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"env": environment(), "args": vars(args), "results": records}, handle, indent=2)
+        write_json(args.json, args, records)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 import traceback
@@ -22,27 +21,28 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bench_common import diffusers_unet, environment, flops_per_forward, print_table, synchronize
+from bench_common import diffusers_unet, flops_per_forward, print_table, synchronize, write_json
 
-# Overrides per variant, on top of the experiment config (which may already set some of them).
+
+
+def overrides(precision: str, channels_last: bool, compile: bool, cuda_graph: bool) -> list[str]:
+    """`ddpm fit` flags of one variant, on top of the experiment config (which may already set some)."""
+    flag = lambda value: str(value).lower()  # noqa: E731
+    return [f"--trainer.precision={precision}", f"--model.channels_last={flag(channels_last)}",
+            f"--model.compile={flag(compile)}", f"--model.cuda_graph={flag(cuda_graph)}"]
+
+
 VARIANTS = {
-    "fp32": ["--trainer.precision=32", "--model.channels_last=false", "--model.compile=false", "--model.cuda_graph=false"],
-    "bf16": ["--trainer.precision=bf16-mixed", "--model.channels_last=false", "--model.compile=false",
-             "--model.cuda_graph=false"],
-    "bf16-cl": ["--trainer.precision=bf16-mixed", "--model.channels_last=true", "--model.compile=false",
-                "--model.cuda_graph=false"],
-    "bf16-cl-graph": ["--trainer.precision=bf16-mixed", "--model.channels_last=true", "--model.compile=false",
-                      "--model.cuda_graph=true"],
-    "bf16-cl-compile": ["--trainer.precision=bf16-mixed", "--model.channels_last=true", "--model.compile=true",
-                        "--model.cuda_graph=false"],
-    "bf16-compile-graph": ["--trainer.precision=bf16-mixed", "--model.channels_last=false", "--model.compile=true",
-                           "--model.cuda_graph=true"],
-    "bf16-cl-compile-graph": ["--trainer.precision=bf16-mixed", "--model.channels_last=true", "--model.compile=true",
-                              "--model.cuda_graph=true"],
+    "fp32": overrides("32", False, False, False),
+    "bf16": overrides("bf16-mixed", False, False, False),
+    "bf16-cl": overrides("bf16-mixed", True, False, False),
+    "bf16-cl-graph": overrides("bf16-mixed", True, False, True),
+    "bf16-cl-compile": overrides("bf16-mixed", True, True, False),
+    "bf16-compile-graph": overrides("bf16-mixed", False, True, True),
+    "bf16-cl-compile-graph": overrides("bf16-mixed", True, True, True),
     # An experiment: compiled autograd traces AccumulateGrad too, so inductor may write each weight gradient in
     # its parameter's layout instead of leaving a strided copy per weight (see RESULTS.md's profile).
-    "bf16-cl-compile-graph+ca": ["--trainer.precision=bf16-mixed", "--model.channels_last=true", "--model.compile=true",
-                              "--model.cuda_graph=true"],
+    "bf16-cl-compile-graph+ca": overrides("bf16-mixed", True, True, True),
 }
 DIFFUSERS_MODES = ("bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
 
@@ -203,9 +203,7 @@ def main() -> None:
     print_table(["variant", "img/s", "MFU", "vs best diffusers"], rows,
                 f"training, {args.config}, batch {first['batch']}, {flops / 3e9:.1f} GFLOP/forward/image")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"env": environment(), "args": vars(args), "flops_per_train_image": flops,
-                       "results": records}, handle, indent=2)
+        write_json(args.json, args, records, flops_per_train_image=flops)
 
 
 if __name__ == "__main__":

@@ -21,18 +21,17 @@ from ddpm_lightning.diffusion import (
     rescale_zero_terminal_snr,
 )
 from ddpm_lightning.ema import EMA
-from ddpm_lightning.nets import build_network
+from ddpm_lightning.nets import NetworkWrapper, build_network
 from ddpm_lightning.nonfinite import NonFiniteGuard
 from ddpm_lightning.quartiles import QuartileLog
 
 LR_SCHEDULES = ("constant", "cosine")
 
 
-class TimestepRescaler:
+class TimestepRescaler(NetworkWrapper):
     """Feeds the network t * 1000 / T when T != 1000 (improved-diffusion's rescale_timesteps).
 
     Networks are trained and released on the 0..1000 range; iDDPM's T = 4000 weights expect it.
-    A plain wrapper, not an nn.Module, so the network's weights appear once in the state_dict.
     """
 
     def __init__(self, net: torch.nn.Module, num_timesteps: int, class_cond: bool):
@@ -44,20 +43,6 @@ class TimestepRescaler:
         t = t.float() * self.scale if self.scale != 1.0 else t
         return self.net(x, t, y) if self.class_cond else self.net(x, t)
 
-    # The samplers and sample_images treat the wrapper like the network it wraps.
-    def parameters(self):
-        return self.net.parameters()
-
-    @property
-    def training(self) -> bool:
-        return self.net.training
-
-    def train(self, mode: bool = True) -> "TimestepRescaler":
-        self.net.train(mode)
-        return self
-
-    def eval(self) -> "TimestepRescaler":
-        return self.train(False)
 
 
 class DiffusionModule(L.LightningModule):

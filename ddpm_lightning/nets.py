@@ -35,3 +35,28 @@ def build_network(spec: NetSpec, overrides: Optional[dict[str, Any]] = None, **d
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     data_args = {k: v for k, v in data_args.items() if takes_any or k in params}
     return cls(**{**data_args, **dict(spec.get("init_args") or {}), **overrides})
+
+
+class NetworkWrapper:
+    """Base of the plain (non-nn.Module) wrappers around a network, which samplers treat like the network.
+
+    Not an nn.Module, so that the wrapped weights appear once in a state_dict. Subclasses set `self.net`
+    and define __call__; parameters, training and train/eval reach the wrapped network.
+    """
+
+    net: nn.Module
+
+    def parameters(self):
+        return self.net.parameters()
+
+    @property
+    def training(self) -> bool:
+        return self.net.training
+
+    def train(self, mode: bool = True):
+        self.net.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+

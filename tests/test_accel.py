@@ -6,20 +6,12 @@ import contextlib
 import lightning as L
 import pytest
 import torch
+from test_metrics import one_thread  # noqa: F401  (autouse: tiny ops run faster on one thread)
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning.accel import CompiledCall, FastForward
 from ddpm_lightning.accel.fast_forward import autocast_dtype
 from ddpm_lightning.module import DiffusionModule
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on 2 shared cores run far faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _images(n=24, size=8, seed=0):

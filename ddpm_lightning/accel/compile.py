@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 from torch import nn
 
+from ddpm_lightning.nets import NetworkWrapper
+
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -27,7 +29,7 @@ def compile_blocks(net: nn.Module, mode: Optional[str] = None) -> int:
     return len(blocks)
 
 
-class CompiledCall:
+class CompiledCall(NetworkWrapper):
     """Calls `net` compiled as one graph; if its first compiled call fails, compiles block by block.
 
     `nn.Module.compile` works in place, so parameter names (state_dict keys, EMA copies, checkpoints)
@@ -60,18 +62,3 @@ class CompiledCall:
             out = self.net(*args, **kwargs)
         self._checked = True
         return out
-
-    # Samplers and the TimestepRescaler treat this like the network it wraps.
-    def parameters(self):
-        return self.net.parameters()
-
-    @property
-    def training(self) -> bool:
-        return self.net.training
-
-    def train(self, mode: bool = True) -> "CompiledCall":
-        self.net.train(mode)
-        return self
-
-    def eval(self) -> "CompiledCall":
-        return self.train(False)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpm_lightning.accel.compile import CompiledCall
+from ddpm_lightning.nets import NetworkWrapper
 
 SAMPLE_PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -21,7 +22,7 @@ def autocast_dtype(precision: str) -> Optional[torch.dtype]:
     return SAMPLE_PRECISIONS[precision]
 
 
-class FastForward:
+class FastForward(NetworkWrapper):
     """Calls net(x, t[, y]) for sampling: 1,000 (or 100) calls on one batch shape per image batch.
 
     compile and cuda_graph apply on CUDA devices; elsewhere only the autocast precision does.
@@ -94,18 +95,3 @@ class FastForward:
         entry["graph"] = graph
         self.graphs[key] = entry
         return entry
-
-    # Samplers and the TimestepRescaler treat this like the network it wraps.
-    def parameters(self):
-        return self.net.parameters()
-
-    @property
-    def training(self) -> bool:
-        return self.net.training
-
-    def train(self, mode: bool = True) -> "FastForward":
-        self.net.train(mode)
-        return self
-
-    def eval(self) -> "FastForward":
-        return self.train(False)
