@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_common import diffusers_unet, flops_per_forward, print_table, synchronize, write_json
+from ddpm_lightning.accel.grad_layout import GradLayoutProbe
 
 
 
@@ -43,30 +44,77 @@ VARIANTS = {
     # An experiment: compiled autograd traces AccumulateGrad too, so inductor may write each weight gradient in
     # its parameter's layout instead of leaving a strided copy per weight (see RESULTS.md's profile).
     "bf16-cl-compile-graph+ca": overrides("bf16-mixed", True, True, True),
+    # An experiment: TrainStep.adopt_grad_layouts gives each weight the layout its gradient arrives in.
+    "bf16-cl-compile-graph+adopt": overrides("bf16-mixed", True, True, True),
+    "bf16-compile-graph+adopt": overrides("bf16-mixed", False, True, True),
 }
 DIFFUSERS_MODES = ("bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
 
 
 class StepTimer(L.Callback):
     """Times steps warmup..warmup+steps between device synchronisations, optionally profiles a few more
-    steps (kernel time by operator, to `profile_path`), then stops the run."""
+    steps (kernel time by operator, to `profile_path`), then stops the run.
 
-    def __init__(self, warmup: int, steps: int, profile_steps: int = 0, profile_path: str | None = None):
+    With `attribute_path` it also profiles steps 1 and 2: after compilation (step 0) but before a CUDA
+    graph is captured (TrainStep warms up 3 steps eagerly), so each kernel still sits under the operator
+    that launched it, e.g. autograd's AccumulateGrad, the compiled backward or the optimizer. And it
+    records which parameters receive a gradient whose strides differ from their own in the last untimed
+    step (autograd then copies that gradient into the parameter's layout, a strided copy per weight and step).
+    """
+
+    ATTRIBUTE_STEPS = (1, 3)  # global steps [1, 3)
+
+    def __init__(self, warmup: int, steps: int, profile_steps: int = 0, profile_path: str | None = None,
+                 attribute_path: str | None = None):
+        if attribute_path and warmup < self.ATTRIBUTE_STEPS[1]:
+            raise ValueError(f"attributing kernels profiles steps 1-2; needs --warmup >= {self.ATTRIBUTE_STEPS[1]}")
         self.warmup, self.steps = warmup, steps
-        self.profile_steps, self.profile_path = profile_steps, profile_path
-        self.start = self.seconds = self.profiler = None
+        self.profile_steps, self.profile_path, self.attribute_path = profile_steps, profile_path, attribute_path
+        self.start = self.seconds = self.profiler = self.probe = None
+        self.layout_mismatches: list[dict] = []
 
     def _sync(self, trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
 
+    def _start_profiler(self) -> None:
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])
+        self.profiler.__enter__()
+
+    def _write_profile(self, trainer, path: str, sort_by: str) -> None:
+        self._sync(trainer)
+        if trainer.strategy.root_device.type != "cuda":
+            sort_by = sort_by.replace("device", "cpu")
+        self.profiler.__exit__(None, None, None)
+        with open(path, "w") as handle:
+            handle.write(self.profiler.key_averages().table(sort_by=sort_by, row_limit=60))
+        self.profiler = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.attribute_path:
+            self.probe = GradLayoutProbe(pl_module.net.named_parameters())
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup and self.start is None:
+        step = trainer.global_step
+        if self.attribute_path and step == self.ATTRIBUTE_STEPS[0]:
+            self._start_profiler()
+        if step == self.warmup and self.start is None:
+            if self.probe is not None:  # the layouts as the last untimed step left them
+                self.probe.remove()
+                params = self.probe.params
+                self.layout_mismatches = [
+                    {"param": name, "shape": list(params[name].shape), "param_stride": list(params[name].stride()),
+                     "grad_stride": list(stride)} for name, stride in self.probe.mismatches()]
             self._sync(trainer)
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if self.attribute_path and self.profiler is not None and step == self.ATTRIBUTE_STEPS[1]:
+            # Inclusive times: the parent operators (AccumulateGrad, CompiledFunctionBackward, ...) carry
+            # the kernels they launched.
+            self._write_profile(trainer, self.attribute_path, "device_time_total")
         if self.start is not None and step >= self.warmup + self.steps and self.seconds is None:
             self._sync(trainer)
             self.seconds = time.perf_counter() - self.start
@@ -74,21 +122,15 @@ class StepTimer(L.Callback):
             if not self.profile_steps:
                 trainer.should_stop = True
                 return
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA])
-            self.profiler.__enter__()
+            self._start_profiler()
         elif self.profiler is not None and step >= self.warmup + self.steps + self.profile_steps:
-            self._sync(trainer)
-            self.profiler.__exit__(None, None, None)
-            table = self.profiler.key_averages().table(sort_by="self_device_time_total", row_limit=40)
-            with open(self.profile_path, "w") as handle:
-                handle.write(table)
-            self.profiler = None
+            self._write_profile(trainer, self.profile_path, "self_device_time_total")
             trainer.should_stop = True
 
 
 def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root: str, profile_steps: int = 0,
-                profile_path: str | None = None, compiled_autograd: bool = False) -> dict:
+                profile_path: str | None = None, compiled_autograd: bool = False,
+                attribute_path: str | None = None, adopt_grad_layouts: bool = False) -> dict:
     """One `ddpm fit` run with a StepTimer; returns images/s and the run's facts."""
     from ddpm_lightning.config_bases import expand_config_bases
     from ddpm_lightning.lightning_cli import DDPMCLI
@@ -101,20 +143,26 @@ def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root
     sys.argv = sys.argv[:1]  # LightningCLI warns when it sees both args= and command-line arguments
     cli = DDPMCLI(DiffusionModule, L.LightningDataModule, subclass_mode_data=True, args=argv, run=False,
                   save_config_kwargs={"overwrite": True})
-    timer = StepTimer(warmup, steps, profile_steps, profile_path)
+    timer = StepTimer(warmup, steps, profile_steps, profile_path, attribute_path)
     cli.trainer.callbacks.append(timer)
     start = time.perf_counter()
     import torch._dynamo
 
+    from ddpm_lightning.accel import TrainStep
+
     torch._dynamo.config.compiled_autograd = compiled_autograd
+    TrainStep.adopt_grad_layouts = adopt_grad_layouts
     try:
         cli.trainer.fit(cli.model, cli.datamodule)
     finally:
         torch._dynamo.config.compiled_autograd = False
+        TrainStep.adopt_grad_layouts = False
     batch = cli.datamodule.device_batch_size() * cli.trainer.world_size
     return {"images_per_s": batch * steps / timer.seconds, "batch": batch, "seconds": timer.seconds,
             "wall_s": time.perf_counter() - start, "net": cli.model.hparams.net, "image_size": cli.model.hparams.image_size,
-            "in_channels": cli.model.hparams.in_channels, "module": cli.model, "final_loss": timer.loss}
+            "in_channels": cli.model.hparams.in_channels, "module": cli.model, "final_loss": timer.loss,
+            **({"grad_layout_mismatches": timer.layout_mismatches} if attribute_path else {}),
+            **({"adopted_layouts": cli.model._train_step.adopted} if adopt_grad_layouts else {})}
 
 
 def diffusers_baseline(preset: str, mode: str, batch: int, warmup: int, steps: int, device: torch.device) -> float:
@@ -161,6 +209,10 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/ddpm_train_throughput")
     parser.add_argument("--profile_steps", type=int, default=0, help="profile this many steps after timing")
     parser.add_argument("--profile_dir", default=".", help="writes profile-<variant>.txt here")
+    parser.add_argument("--attribute", action="store_true",
+                        help="profile steps 1-2 (compiled, not yet captured) by launching operator to "
+                             "<profile_dir>/attrib-<variant>.txt, and list the weights whose gradient arrives "
+                             "in another layout than the weight's (needs --warmup >= 3)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="more `ddpm fit` overrides, last")
     args = parser.parse_args()
@@ -170,7 +222,10 @@ def main() -> None:
         try:
             result = run_variant(args.config, VARIANTS[name] + args.set, args.warmup, args.steps,
                                  f"{args.root}/{name}", args.profile_steps, f"{args.profile_dir}/profile-{name}.txt",
-                                 compiled_autograd=name.endswith("+ca"))
+                                 compiled_autograd=name.endswith("+ca"), adopt_grad_layouts=name.endswith("+adopt"),
+                                 # Not under compiled autograd, which would trace the probe's hooks into its graph.
+                                 attribute_path=f"{args.profile_dir}/attrib-{name}.txt"
+                                 if args.attribute and not name.endswith("+ca") else None)
         except Exception as err:  # one failing variant must not cost the others' numbers
             print(f"[train] {name}: FAILED {type(err).__name__}: {err}", flush=True)
             traceback.print_exc()
@@ -179,6 +234,11 @@ def main() -> None:
         records[name] = result
         print(f"[train] {name}: {result['images_per_s']:.0f} img/s, loss {result['final_loss']:.4f} at step "
               f"{args.warmup + args.steps} (wall {result['wall_s']:.0f} s)", flush=True)
+        if "grad_layout_mismatches" in result:
+            mismatches = result["grad_layout_mismatches"]
+            print(f"[train] {name}: {len(mismatches)} weights receive gradients in another layout"
+                  + "".join(f"\n[train]   {m['param']} {m['shape']}: param {m['param_stride']}, grad {m['grad_stride']}"
+                            for m in mismatches[:8]), flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if not records:

@@ -19,7 +19,7 @@ def _images(n=24, size=8, seed=0):
     return torch.rand(n, 1, size, size, generator=g) * 2 - 1, torch.zeros(n, dtype=torch.long)
 
 
-def _fit(tmp_path, steps=6, trainer_kw=None, **module_kw):
+def _fit(tmp_path, steps=6, trainer_kw=None, callbacks=(), **module_kw):
     """Train a tiny module for `steps` steps on fixed data; returns (module, logged train/loss values)."""
     L.seed_everything(0, verbose=False)
     kw = dict(net="tiny", image_size=8, in_channels=1, num_timesteps=50, warmup_steps=3, ema_decay=[0.9, 0.5],
@@ -35,7 +35,7 @@ def _fit(tmp_path, steps=6, trainer_kw=None, **module_kw):
     x, y = _images()
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record(), *callbacks],
                         default_root_dir=tmp_path, **(trainer_kw or {}))
     trainer.fit(module, loader)
     assert trainer.global_step == steps
@@ -235,6 +235,40 @@ def test_a_failed_capture_trains_on_uncaptured(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fallback.state_dict().values()))
 
 
+def test_weights_take_the_layout_their_gradients_arrive_in(tmp_path, monkeypatch):
+    """adopt_grad_layouts: a channels_last net with one weight left row-major gets its gradient channels_last
+    (the convolution follows its input). After the first step that weight, its AdamW moments and its EMA
+    copies are channels_last, gradients arrive in place, and training computes what it computed before."""
+    from ddpm_lightning.accel import TrainStep
+    from ddpm_lightning.accel.grad_layout import GradLayoutProbe, restride_
+
+    name = "down_blocks.0.0.conv1.weight"
+
+    class RowMajor(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            for net in (pl_module.net, *pl_module.ema.averages):
+                weight = net.get_parameter(name)
+                restride_(weight, torch.empty(weight.shape).stride())
+
+    plain, plain_losses, _ = _fit(tmp_path / "a", steps=4, cuda_graph=True, channels_last=True, callbacks=[RowMajor()])
+    assert plain.net.get_parameter(name).is_contiguous() and plain._train_step.adopted == []
+    monkeypatch.setattr(TrainStep, "adopt_grad_layouts", True)
+    adopted, losses, _ = _fit(tmp_path / "b", steps=4, cuda_graph=True, channels_last=True, callbacks=[RowMajor()])
+    assert adopted._train_step.adopted == [name] and adopted._train_step.probe is None
+    cl = torch.channels_last
+    weight = adopted.net.get_parameter(name)
+    state = adopted.trainer.optimizers[0].state[weight]
+    assert all(t.is_contiguous(memory_format=cl) and not t.is_contiguous()
+               for t in (weight, state["exp_avg"], state["exp_avg_sq"], adopted.ema.averages[0].get_parameter(name)))
+    probe = GradLayoutProbe(adopted.net.named_parameters())
+    x = torch.randn(2, 1, 8, 8).contiguous(memory_format=cl)
+    adopted.net(x, torch.zeros(2)).square().mean().backward()
+    assert probe.mismatches() == []
+    torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=0)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(adopted.state_dict()[key], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
 def test_the_paper_config_with_its_fast_paths_trains_on_a_cpu(tmp_path, recwarn):
     """cifar10_ddpm.yaml as shipped (bf16-mixed, channels_last, compile, cuda_graph, in-memory data), on the
     CPU: compile and the graph step give way with a warning each; the run trains and writes last.ckpt."""
@@ -257,3 +291,34 @@ def test_the_paper_config_with_its_fast_paths_trains_on_a_cpu(tmp_path, recwarn)
     messages = [str(w.message) for w in recwarn]
     assert any("compile: applies on CUDA devices only" in m for m in messages)
     assert any("cuda_graph: no CUDA device" in m for m in messages)
+
+
+@pytest.mark.slow
+def test_compiled_network_matches_eager_in_values_and_gradients():
+    """The UNet compiles as one graph (no per-block fallback) with inductor, channels_last included, and
+    computes the eager function: outputs and every weight gradient agree to float32 rounding."""
+    import copy
+
+    from ddpm_lightning.models import build_unet
+
+    torch.manual_seed(0)
+    eager = build_unet("tiny", image_size=8, in_channels=1, dropout=0.0).to(memory_format=torch.channels_last)
+    with torch.no_grad():  # a zero output layer would make every upstream gradient zero
+        eager.conv_out.weight.normal_(0, 0.05)
+    compiled_net = copy.deepcopy(eager)
+    call = CompiledCall(compiled_net)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([0.0, 10.0, 500.0, 999.0])
+    outs = []
+    for net in (eager, call):
+        out = net(x, t)
+        out.square().mean().backward()
+        outs.append(out.detach())
+    assert call.whole, "the whole network should compile; it fell back to blocks"
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled_net.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=lambda m: f"{name}: {m}")

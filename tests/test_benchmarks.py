@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,14 +23,48 @@ def run(script, tmp_path, *args):
 
 def test_train_throughput_through_ddpm_fit(tmp_path):
     record, stdout = run("train_throughput.py", tmp_path, "--config", str(ROOT / "experiments" / "quickstart.yaml"),
-                         "--variants", "fp32", "bf16-cl-graph", "--diffusers", "bf16-cl", "--warmup", "1",
-                         "--steps", "2", "--root", str(tmp_path / "runs"), "--set", "--model.net=tiny",
+                         "--variants", "fp32", "bf16-cl-graph", "--diffusers", "bf16-cl", "--warmup", "3",
+                         "--steps", "2", "--attribute", "--profile_dir", str(tmp_path),
+                         "--root", str(tmp_path / "runs"), "--set", "--model.net=tiny",
                          "--data.init_args.image_size=8", "--data.init_args.batch_size=8")
     results = record["results"]
     assert set(results) == {"fp32", "bf16-cl-graph", "diffusers bf16-cl"}
     assert all(r["images_per_s"] > 0 for r in results.values())
     assert results["fp32"]["batch"] == 8 and record["flops_per_train_image"] > 0
     assert "| fp32 |" in stdout and "vs best diffusers" in stdout
+    # --attribute: steps 1-2 by launching operator, and the weights whose gradients arrive in another layout
+    assert "AccumulateGrad" in (tmp_path / "attrib-bf16-cl-graph.txt").read_text()
+    assert results["bf16-cl-graph"]["grad_layout_mismatches"] == []
+
+
+def test_the_layout_report_names_a_weight_whose_gradient_arrives_in_another_layout():
+    """A weight stored column-major whose consumer makes it row-major: autograd copies its gradient every step."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_throughput import StepTimer
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(5))
+            self.weight = torch.nn.Parameter(torch.randn(5, 3).t())  # shape (3, 5), strides (1, 3)
+
+        def forward(self, x):
+            return x @ self.weight.contiguous() + self.bias
+
+    net = Net()
+    timer = StepTimer(warmup=3, steps=1, attribute_path="unused")
+    module = SimpleNamespace(net=net)
+    timer.on_train_start(None, module)
+    net(torch.randn(4, 3)).sum().backward()
+    trainer = SimpleNamespace(global_step=3, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    timer.on_train_batch_start(trainer, module, None, 0)
+    assert timer.layout_mismatches == [{"param": "weight", "shape": [3, 5], "param_stride": [1, 3],
+                                        "grad_stride": [5, 1]}]
+    timer.probe.grad_strides.clear()  # the hooks are gone once timing starts
+    net(torch.randn(4, 3)).sum().backward()
+    assert timer.probe.grad_strides == {}
 
 
 def test_sample_throughput_compares_each_fast_path_with_fp32(tmp_path):
