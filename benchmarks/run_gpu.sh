@@ -32,5 +32,5 @@ PARTS=${PARTS:-train sample fid}
 [[ " $PARTS " == *" sample "* ]] && timeout ${SAMPLE_TIMEOUT:-170} python3 sample_throughput.py --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-graph} --profile_dir "$OUT" \
   --diffusers ${SAMPLE_DIFFUSERS:-bf16-cl bf16-cl-compile-ro} --batch_size 512 --respacing 100 --num_batches 2 \
   --json "$OUT/sample.json" 2>&1 | tee "$OUT/sample.log" | grep -E "$filter"
-[[ " $PARTS " == *" fid "* ]] && timeout ${FID_TIMEOUT:-80} python3 fid_throughput.py --variant ${FID_VARIANT:-bf16-cl-compile-graph} --num_samples ${FID_SAMPLES:-5120} \
+[[ " $PARTS " == *" fid "* ]] && timeout ${FID_TIMEOUT:-80} python3 fid_throughput.py --variant ${FID_VARIANT:-bf16-cl-compile-graph} --num_samples ${FID_SAMPLES:-5000} \
   --batch_size 512 --respacing 100 --json "$OUT/fid.json" 2>&1 | tee "$OUT/fid.log" | grep -E "$filter"

@@ -188,6 +188,46 @@ def test_fast_forward_autocasts_and_returns_float32():
     assert autocast_dtype("32") is None
 
 
+@pytest.mark.parametrize("compile", [True, False])
+def test_a_compiled_network_replays_a_smaller_batch_through_a_larger_graph(monkeypatch, compile):
+    """The tail batch of an evaluation (here 3 after 4) reuses the batch-4 graph, padded, when a new shape
+    would mean a new compilation; without compile a new capture is cheap and happens. Stands in for a GPU:
+    the fake graph's replay runs the network on the static buffers, as a real replay does."""
+    captured = []
+
+    def fake_capture(self, key, x, t, y):
+        entry = {"x": x.clone(), "t": t.clone(), "y": None if y is None else y.clone()}
+        entry["out"] = self._run(entry["x"], entry["t"], entry["y"], capturing=False)
+
+        class Graph:
+            def replay(_):
+                entry["out"].copy_(self._run(entry["x"], entry["t"], entry["y"], capturing=False))
+
+        entry["graph"] = Graph()
+        self.graphs[key] = entry
+        captured.append(key[0])
+        return entry
+
+    monkeypatch.setattr(FastForward, "_graphable", staticmethod(lambda x: True))
+    monkeypatch.setattr(FastForward, "_capture", fake_capture)
+    from ddpm_lightning.models import build_unet
+
+    torch.manual_seed(0)
+    net = build_unet("tiny", image_size=8, in_channels=1).eval()
+    with torch.no_grad():
+        net.conv_out.weight.normal_(0, 0.05)
+    fast = FastForward(net, compile=compile, cuda_graph=True)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([1.0, 200.0, 500.0, 999.0])
+    with torch.no_grad():
+        fast(x, t)
+        out = fast(x[1:] * 2, t[1:])
+        torch.testing.assert_close(out, net(x[1:] * 2, t[1:]))
+        fast(torch.randn(2, 1, 16, 16), t[:2])  # another per-sample shape: its own graph
+        fast(torch.randn(6, 1, 8, 8), torch.zeros(6))  # a larger batch: its own graph
+    assert captured == ([(4, 1, 8, 8), (2, 1, 16, 16), (6, 1, 8, 8)] if compile else
+                        [(4, 1, 8, 8), (3, 1, 8, 8), (2, 1, 16, 16), (6, 1, 8, 8)])
+
+
 def test_sampling_with_fast_options_matches_the_plain_network():
     """FastForward in fp32 (no graphs on the CPU) samples exactly what the plain network samples."""
     plain = DiffusionModule(net="tiny", image_size=8, in_channels=1, num_timesteps=30)
