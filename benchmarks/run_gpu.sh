@@ -25,7 +25,7 @@ cd benchmarks
 filter='^\[|^\||^[a-z]+,|FAILED|Error'
 PARTS=${PARTS:-train sample fid}
 [[ " $PARTS " == *" train "* ]] && timeout ${TRAIN_TIMEOUT:-330} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml \
-  --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+adopt bf16-compile-graph bf16-cl-compile-graph+ca} \
+  --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+adopt bf16-compile-graph} \
   --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-100} --profile_steps 5 --profile_dir "$OUT" --attribute \
   --json "$OUT/train.json" --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \
   --data.init_args.in_memory=true --data.init_args.num_workers=16 --trainer.callbacks=[] 2>&1 | tee "$OUT/train.log" | grep -E "$filter"
