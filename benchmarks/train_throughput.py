@@ -57,19 +57,21 @@ class StepTimer(L.Callback):
 
     With `attribute_path` it also profiles steps 1 and 2: after compilation (step 0) but before a CUDA
     graph is captured (TrainStep warms up 3 steps eagerly), so each kernel still sits under the operator
-    that launched it, e.g. autograd's AccumulateGrad, the compiled backward or the optimizer. And it
-    records which parameters receive a gradient whose strides differ from their own in the last untimed
-    step (autograd then copies that gradient into the parameter's layout, a strided copy per weight and step).
+    that launched it, e.g. autograd's AccumulateGrad, the compiled backward or the optimizer. With
+    `report_layouts` it records which parameters receive a gradient whose strides differ from their own
+    in the last untimed step (autograd then copies that gradient into the parameter's layout, a strided
+    copy per weight and step).
     """
 
     ATTRIBUTE_STEPS = (1, 3)  # global steps [1, 3)
 
     def __init__(self, warmup: int, steps: int, profile_steps: int = 0, profile_path: str | None = None,
-                 attribute_path: str | None = None):
+                 attribute_path: str | None = None, report_layouts: bool = False):
         if attribute_path and warmup < self.ATTRIBUTE_STEPS[1]:
             raise ValueError(f"attributing kernels profiles steps 1-2; needs --warmup >= {self.ATTRIBUTE_STEPS[1]}")
         self.warmup, self.steps = warmup, steps
         self.profile_steps, self.profile_path, self.attribute_path = profile_steps, profile_path, attribute_path
+        self.report_layouts = report_layouts
         self.start = self.seconds = self.profiler = self.probe = None
         self.layout_mismatches: list[dict] = []
 
@@ -92,7 +94,7 @@ class StepTimer(L.Callback):
         self.profiler = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.attribute_path:
+        if self.report_layouts:
             self.probe = GradLayoutProbe(pl_module.net.named_parameters())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -130,7 +132,8 @@ class StepTimer(L.Callback):
 
 def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root: str, profile_steps: int = 0,
                 profile_path: str | None = None, compiled_autograd: bool = False,
-                attribute_path: str | None = None, adopt_grad_layouts: bool = False) -> dict:
+                attribute_path: str | None = None, report_layouts: bool = False,
+                adopt_grad_layouts: bool = False) -> dict:
     """One `ddpm fit` run with a StepTimer; returns images/s and the run's facts."""
     from ddpm_lightning.config_bases import expand_config_bases
     from ddpm_lightning.lightning_cli import DDPMCLI
@@ -143,7 +146,7 @@ def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root
     sys.argv = sys.argv[:1]  # LightningCLI warns when it sees both args= and command-line arguments
     cli = DDPMCLI(DiffusionModule, L.LightningDataModule, subclass_mode_data=True, args=argv, run=False,
                   save_config_kwargs={"overwrite": True})
-    timer = StepTimer(warmup, steps, profile_steps, profile_path, attribute_path)
+    timer = StepTimer(warmup, steps, profile_steps, profile_path, attribute_path, report_layouts)
     cli.trainer.callbacks.append(timer)
     start = time.perf_counter()
     import torch._dynamo
@@ -161,7 +164,7 @@ def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root
     return {"images_per_s": batch * steps / timer.seconds, "batch": batch, "seconds": timer.seconds,
             "wall_s": time.perf_counter() - start, "net": cli.model.hparams.net, "image_size": cli.model.hparams.image_size,
             "in_channels": cli.model.hparams.in_channels, "module": cli.model, "final_loss": timer.loss,
-            **({"grad_layout_mismatches": timer.layout_mismatches} if attribute_path else {}),
+            **({"grad_layout_mismatches": timer.layout_mismatches} if report_layouts else {}),
             **({"adopted_layouts": cli.model._train_step.adopted} if adopt_grad_layouts else {})}
 
 
@@ -223,9 +226,11 @@ def main() -> None:
             result = run_variant(args.config, VARIANTS[name] + args.set, args.warmup, args.steps,
                                  f"{args.root}/{name}", args.profile_steps, f"{args.profile_dir}/profile-{name}.txt",
                                  compiled_autograd=name.endswith("+ca"), adopt_grad_layouts=name.endswith("+adopt"),
-                                 # Not under compiled autograd, which would trace the probe's hooks into its graph.
+                                 # Not under compiled autograd, which would trace the probe's hooks into its
+                                 # graph; +adopt recompiles at step 1, which would swamp the attribution.
                                  attribute_path=f"{args.profile_dir}/attrib-{name}.txt"
-                                 if args.attribute and not name.endswith("+ca") else None)
+                                 if args.attribute and "+" not in name else None,
+                                 report_layouts=args.attribute and not name.endswith("+ca"))
         except Exception as err:  # one failing variant must not cost the others' numbers
             print(f"[train] {name}: FAILED {type(err).__name__}: {err}", flush=True)
             traceback.print_exc()

@@ -54,7 +54,7 @@ def test_the_layout_report_names_a_weight_whose_gradient_arrives_in_another_layo
             return x @ self.weight.contiguous() + self.bias
 
     net = Net()
-    timer = StepTimer(warmup=3, steps=1, attribute_path="unused")
+    timer = StepTimer(warmup=3, steps=1, report_layouts=True)
     module = SimpleNamespace(net=net)
     timer.on_train_start(None, module)
     net(torch.randn(4, 3)).sum().backward()
