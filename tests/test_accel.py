@@ -334,10 +334,14 @@ def test_the_paper_config_with_its_fast_paths_trains_on_a_cpu(tmp_path, recwarn)
 
 
 @pytest.mark.slow
-def test_compiled_network_matches_eager_in_values_and_gradients():
-    """The UNet compiles as one graph (no per-block fallback) with inductor, channels_last included, and
-    computes the eager function: outputs and every weight gradient agree to float32 rounding."""
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_compiled_network_matches_eager_in_values_and_gradients(dtype):
+    """The UNet compiles as one graph (no graph break, no per-block fallback) with inductor, channels_last
+    included, and computes the eager function: in float32 outputs and every weight gradient agree to
+    rounding; under bf16 autocast (the paper configs) the output and the whole gradient agree to bf16's."""
     import copy
+
+    from torch._dynamo.utils import counters
 
     from ddpm_lightning.models import build_unet
 
@@ -347,18 +351,25 @@ def test_compiled_network_matches_eager_in_values_and_gradients():
         eager.conv_out.weight.normal_(0, 0.05)
     compiled_net = copy.deepcopy(eager)
     call = CompiledCall(compiled_net)
-    from torch._dynamo.utils import counters
-
     counters.clear()
     x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
     t = torch.tensor([0.0, 10.0, 500.0, 999.0])
     outs = []
     for net in (eager, call):
-        out = net(x, t)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = net(x, t).float()
         out.square().mean().backward()
         outs.append(out.detach())
     assert call.whole, "the whole network should compile; it fell back to blocks"
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-    for (name, a), b in zip(eager.named_parameters(), compiled_net.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    grads = [torch.cat([p.grad.flatten() for p in net.parameters()]) for net in (eager, compiled_net)]
+    if dtype is None:
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+        for (name, a), b in zip(eager.named_parameters(), compiled_net.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    else:
+        # Per tensor, biases whose gradient nearly cancels (a bias before a GroupNorm) are all bf16 noise;
+        # the output and the gradient as a whole are what bf16 rounding must leave intact.
+        assert (outs[1] - outs[0]).norm() / outs[0].norm() < 2e-2
+        assert (grads[1] - grads[0]).norm() / grads[0].norm() < 2e-2
+    assert grads[0].abs().sum() > 0
