@@ -309,6 +309,47 @@ def test_weights_take_the_layout_their_gradients_arrive_in(tmp_path, monkeypatch
         torch.testing.assert_close(adopted.state_dict()[key], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("mismatch", [True, False])
+def test_adopting_layouts_warms_up_once_more_before_the_capture(monkeypatch, mismatch):
+    """Weights that change layout make a compiled network recompile at its next call, which must not be the
+    captured one: with warmup_steps=1 the capture comes at the third step after an adoption, else the second."""
+    from ddpm_lightning.accel import TrainStep
+    from ddpm_lightning.accel.grad_layout import restride_
+
+    def eager(self, *args):  # the side stream of a GPU, without one
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._body(*args)
+
+    captures = []
+
+    class Captured(Exception):
+        pass
+
+    def fake_capture(self, *args):
+        captures.append(self.eager_calls)
+        raise Captured
+
+    monkeypatch.setattr(TrainStep, "adopt_grad_layouts", True)
+    monkeypatch.setattr(TrainStep, "_eager_on_side_stream", eager)
+    monkeypatch.setattr(TrainStep, "_capture", fake_capture)
+    monkeypatch.setattr(TrainStep, "_make_capturable", lambda self: None)  # device-tensor lr: CUDA only
+    module = DiffusionModule(net="tiny", image_size=8, in_channels=1, num_timesteps=50, channels_last=True)
+    name = "down_blocks.0.0.conv1.weight"
+    if mismatch:
+        restride_(module.net.get_parameter(name), torch.empty(module.net.get_parameter(name).shape).stride())
+    step = TrainStep(module, torch.optim.AdamW(module.net.parameters(), lr=1e-3), capture=True, warmup_steps=1)
+    x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    t, weights = torch.tensor([1, 10, 20, 40]), torch.ones(4)
+    step(x, None, t, weights, 0)
+    assert step.adopted == ([name] if mismatch else []) and step.probe is None
+    if mismatch:
+        step(x, None, t, weights, 1)
+    assert captures == []
+    with pytest.raises(Captured):
+        step(x, None, t, weights, 2)
+    assert captures == [1]
+
+
 def test_the_paper_config_with_its_fast_paths_trains_on_a_cpu(tmp_path, recwarn):
     """cifar10_ddpm.yaml as shipped (bf16-mixed, channels_last, compile, cuda_graph, in-memory data), on the
     CPU: compile and the graph step give way with a warning each; the run trains and writes last.ckpt."""
