@@ -2,6 +2,7 @@
 grad_clip, compile's block fallback, and the sampling forward wrapper."""
 
 import contextlib
+import shutil
 
 import lightning as L
 import pytest
@@ -375,6 +376,7 @@ def test_the_paper_config_with_its_fast_paths_trains_on_a_cpu(tmp_path, recwarn)
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on a CPU")
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_compiled_network_matches_eager_in_values_and_gradients(dtype):
     """The UNet compiles as one graph (no graph break, no per-block fallback) with inductor, channels_last
