@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import platform
+import time
+from typing import Callable
 
 import torch
 
@@ -58,6 +61,23 @@ def diffusers_unet(preset: str, device: torch.device, channels_last: bool):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def mode_autocast(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for a diffusers baseline mode that names bf16, else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in mode else contextlib.nullcontext()
+
+
+def images_per_second(step: Callable[[], None], batch: int, warmup: int, iters: int, device: torch.device) -> float:
+    """Runs `step` warmup times untimed, then times iters calls between two device synchronisations."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    synchronize(device)
+    return batch * iters / (time.perf_counter() - start)
 
 
 def write_json(path: str, args, results: dict, **extra) -> None:

@@ -13,13 +13,13 @@ loop of UNet2DModel forwards on one batch under inference_mode.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 import traceback
 
 import torch
 
-from bench_common import diffusers_unet, flops_per_forward, print_table, synchronize, write_json
+from bench_common import (diffusers_unet, flops_per_forward, images_per_second, mode_autocast, print_table,
+                          synchronize, write_json)
 
 VARIANTS = {
     "fp32": dict(),
@@ -106,18 +106,10 @@ def diffusers_forward(preset: str, mode: str, batch: int, iters: int, device: to
     t = torch.randint(0, 1000, (batch,), device=device)
 
     def step() -> None:
-        context = torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in mode else contextlib.nullcontext()
-        with torch.inference_mode(), context:
+        with torch.inference_mode(), mode_autocast(mode, device):
             call(x, t, return_dict=False)
 
-    for _ in range(3):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    synchronize(device)
-    return batch * iters / (time.perf_counter() - start)
+    return images_per_second(step, batch, 3, iters, device)
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ times `--steps` steps between two device synchronisations. The diffusers baselin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 import traceback
@@ -21,7 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bench_common import diffusers_unet, flops_per_forward, print_table, synchronize, write_json
+from bench_common import diffusers_unet, flops_per_forward, images_per_second, mode_autocast, print_table, write_json
 from ddpm_lightning.accel.grad_layout import GradLayoutProbe
 
 
@@ -184,20 +183,12 @@ def diffusers_baseline(preset: str, mode: str, batch: int, warmup: int, steps: i
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        context = torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in mode else contextlib.nullcontext()
-        with context:
+        with mode_autocast(mode, device):
             loss = F.mse_loss(call(x, t, return_dict=False)[0].float(), target)
         loss.backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return batch * steps / (time.perf_counter() - start)
+    return images_per_second(step, batch, warmup, steps, device)
 
 
 def main() -> None:
