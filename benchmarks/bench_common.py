@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: the machine's description, FLOP counts and a plain table printer."""
+"""Shared by the benchmark scripts: the machine's description, FLOP counts, a plain table printer, and
+inductor's generated code written beside the profiles."""
 
 from __future__ import annotations
 
@@ -78,6 +79,32 @@ def images_per_second(step: Callable[[], None], batch: int, warmup: int, iters: 
         step()
     synchronize(device)
     return batch * iters / (time.perf_counter() - start)
+
+
+class InductorCode:
+    """Appends the code inductor generates for each graph it compiles (the wrapper with its Triton kernels)
+    to `path`, under a `label` the script sets per variant.
+
+    Why: a profile names kernels (`triton_poi_fused__to_copy_add_clone_convolution_...`), and only the
+    generated code says which buffers such a kernel reads and writes, in which strides, and where an extern
+    kernel (a cuDNN convolution) gets a layout copy. Inductor reports a graph loaded from its on-disk
+    cache too; code already written is referred to by its number, not written again.
+    """
+
+    def __init__(self, path: str):
+        from torch._inductor.graph import GraphLowering
+
+        self.path, self.label, self.seen = path, "", {}
+        GraphLowering.save_output_code = self._save
+
+    def _save(self, code: str) -> None:
+        number = len(self.seen) + 1
+        with open(self.path, "a") as handle:
+            if code in self.seen:
+                handle.write(f"# ===== {self.label}: the code of graph {self.seen[code]}\n")
+            else:
+                self.seen[code] = number
+                handle.write(f"# ===== {self.label}: graph {number}\n{code}\n")
 
 
 def write_json(path: str, args, results: dict, **extra) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bench_common import synchronize, write_json
-from sample_throughput import VARIANTS, build_module
+from sample_throughput import VARIANT_NAMES, build_module, cudnn_autotuner, variant_options
 
 
 def random_inception(device: torch.device):
@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--preset", default="ddpm_cifar10")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--in_channels", type=int, default=3)
-    parser.add_argument("--variant", default="bf16-cl-compile-graph", choices=sorted(VARIANTS))
+    parser.add_argument("--variant", default="bf16-cl-compile-graph", choices=VARIANT_NAMES,
+                        help="a sampling variant of sample_throughput.py; +bench also autotunes Inception's convolutions")
     parser.add_argument("--num_samples", type=int, default=5000,
                         help="5,000 at batch 512 ends on a short batch, as 50,000 does")
     parser.add_argument("--batch_size", type=int, default=512)
@@ -55,15 +56,29 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
+    device = torch.device(args.device)
+    with cudnn_autotuner(args.variant):
+        record = time_pipeline(args, device)
+    print(f"\nFID pipeline, {args.preset}, {args.variant}, batch {args.batch_size}, respacing {args.respacing}\n")
+    print("| samples | seconds | of which Inception | projected for 50,000 | one-off warm-up (compile, capture) |")
+    print("|---|---|---|---|---|")
+    print(f"| {args.num_samples} | {record['seconds']:.1f} | {record['inception_seconds']:.1f} | "
+          f"{record['seconds_for_50k']:.0f} s ({record['seconds_for_50k'] / 60:.1f} min) | "
+          f"{record['warmup_seconds']:.1f} s |")
+    if args.json:
+        write_json(args.json, args, record)
+
+
+def time_pipeline(args, device: torch.device) -> dict:
+    """Warm-up, the timed evaluation, and Inception alone on as many batches."""
     from ddpm_lightning.metrics.fid import FeatureStats
     from ddpm_lightning.metrics.fid_is import compute_fid_is
     from ddpm_lightning.metrics.inception import extract_features
 
-    device = torch.device(args.device)
-    module = build_module(args.preset, args.image_size, args.in_channels, device, **VARIANTS[args.variant])
+    module = build_module(args.preset, args.image_size, args.in_channels, device, **variant_options(args.variant))
     inception = random_inception(device)
     reference = FeatureStats(np.zeros(2048), np.eye(2048), 1)
-    # Warm-up: compilation and graph capture for the batch shape, cuDNN autotuning of Inception. Timed
+    # Warm-up: compilation and graph capture for the batch shape (and cuDNN's autotuning under +bench). Timed
     # apart: a one-off cost of each `ddpm evaluate` process (less when inductor's on-disk cache is warm).
     synchronize(device)
     start = time.perf_counter()
@@ -88,16 +103,10 @@ def main() -> None:
     inception_seconds = time.perf_counter() - start
 
     scale = 50_000 / args.num_samples
-    record = {"num_samples": args.num_samples, "seconds": total, "inception_seconds": inception_seconds,
-              "seconds_for_50k": total * scale, "inception_seconds_for_50k": inception_seconds * scale,
-              "images_per_s": args.num_samples / total, "warmup_seconds": warmup_seconds}
-    print(f"\nFID pipeline, {args.preset}, {args.variant}, batch {args.batch_size}, respacing {args.respacing}\n")
-    print("| samples | seconds | of which Inception | projected for 50,000 | one-off warm-up (compile, capture) |")
-    print("|---|---|---|---|---|")
-    print(f"| {args.num_samples} | {total:.1f} | {inception_seconds:.1f} | {total * scale:.0f} s "
-          f"({total * scale / 60:.1f} min) | {warmup_seconds:.1f} s |")
-    if args.json:
-        write_json(args.json, args, record)
+    return {"num_samples": args.num_samples, "seconds": total, "inception_seconds": inception_seconds,
+            "seconds_for_50k": total * scale, "inception_seconds_for_50k": inception_seconds * scale,
+            "images_per_s": args.num_samples / total, "warmup_seconds": warmup_seconds,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark}
 
 
 if __name__ == "__main__":

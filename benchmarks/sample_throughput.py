@@ -4,7 +4,9 @@ Each variant builds a DiffusionModule with the preset network (random weights: s
 on them) and its fast-path options, warms up one batch (compilation and graph capture), then times
 `sampling.generate_uint8` (per-sample seeded noise, the respaced DDPM loop, uint8 conversion) over
 `--num_batches` batches. Forward img/s = samples x steps / seconds. The diffusers baseline is a bare
-loop of UNet2DModel forwards on one batch under inference_mode.
+loop of UNet2DModel forwards on one batch under inference_mode. A variant name with the suffix `+bench`
+runs with cuDNN's autotuner on (`torch.backends.cudnn.benchmark`, which `ddpm fit` sets through the
+Trainer but the sampling commands leave at torch's default, off).
 
     python benchmarks/sample_throughput.py --batch_size 512 --respacing 100 \\
         --variants fp32 bf16-cl-graph bf16-cl-compile-graph --diffusers bf16-cl-compile-ro
@@ -13,13 +15,14 @@ loop of UNet2DModel forwards on one batch under inference_mode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import traceback
 
 import torch
 
-from bench_common import (diffusers_unet, flops_per_forward, images_per_second, mode_autocast, print_table,
-                          synchronize, write_json)
+from bench_common import (InductorCode, diffusers_unet, flops_per_forward, images_per_second, mode_autocast,
+                          print_table, synchronize, write_json)
 
 VARIANTS = {
     "fp32": dict(),
@@ -31,7 +34,24 @@ VARIANTS = {
     "bf16-cl-compile-ma-graph": dict(sample_precision="bf16-mixed", channels_last=True, compile=True,
                                      compile_mode="max-autotune-no-cudagraphs", cuda_graph=True),
 }
+VARIANT_NAMES = sorted([*VARIANTS, *(f"{name}+bench" for name in VARIANTS)])
 DIFFUSERS_MODES = ("fp32", "bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
+
+
+def variant_options(name: str) -> dict:
+    """The DiffusionModule options of a variant name (a `+bench` suffix changes none of them)."""
+    return VARIANTS[name.removesuffix("+bench")]
+
+
+@contextlib.contextmanager
+def cudnn_autotuner(name: str):
+    """cuDNN's autotuner on for a `+bench` variant, off otherwise; the previous setting afterwards."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = name.endswith("+bench")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def build_module(preset: str, image_size: int, in_channels: int, device: torch.device, **options):
@@ -120,25 +140,34 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--respacing", default="100", help="sampling steps per image")
     parser.add_argument("--num_batches", type=int, default=2, help="timed batches per variant")
-    parser.add_argument("--variants", nargs="+", default=["bf16-cl-compile-graph"], choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["bf16-cl-compile-graph"], choices=VARIANT_NAMES)
     parser.add_argument("--diffusers", nargs="*", default=[], choices=DIFFUSERS_MODES)
     parser.add_argument("--peak_tflops", type=float, default=800.0, help="for MFU: the card's dense bf16 rate")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile_dir", default=None, help="write profile-<variant>.txt (one batch) here")
+    parser.add_argument("--inductor_code", default=None, help="append inductor's generated code to this file")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    code = InductorCode(args.inductor_code) if args.inductor_code else None
     reference = build_module(args.preset, args.image_size, args.in_channels, device)
     records = {}
     for name in args.variants:
+        if code:
+            code.label = f"sample {name} batch {args.batch_size}"
         try:
-            module = build_module(args.preset, args.image_size, args.in_channels, device, **VARIANTS[name])
-            rate = time_variant(module, args.batch_size, args.num_batches, args.respacing)
-            # After timing, so the comparison runs on the captured graph (the batch shape is the same).
-            records[name] = {"images_per_s": rate, "rel_error": relative_error(module, reference, args.batch_size)}
-            if args.profile_dir:
-                profile_variant(module, args.batch_size, args.respacing, f"{args.profile_dir}/profile-sample-{name}.txt")
+            module = build_module(args.preset, args.image_size, args.in_channels, device, **variant_options(name))
+            with cudnn_autotuner(name):
+                rate = time_variant(module, args.batch_size, args.num_batches, args.respacing)
+                # After timing, so the comparison runs on the captured graph (the batch shape is the same).
+                records[name] = {"images_per_s": rate, "rel_error": relative_error(module, reference, args.batch_size),
+                                 "cudnn_benchmark": torch.backends.cudnn.benchmark}
+                if args.profile_dir:
+                    profile_variant(module, args.batch_size, args.respacing,
+                                    f"{args.profile_dir}/profile-sample-{name}.txt")
+            if args.json:  # as it goes: a run stopped at its time limit keeps the variants it finished
+                write_json(args.json, args, records)
         except Exception as err:  # one failing variant must not cost the others' numbers
             print(f"[sample] {name}: FAILED {type(err).__name__}: {err}", flush=True)
             traceback.print_exc()

@@ -20,7 +20,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bench_common import diffusers_unet, flops_per_forward, images_per_second, mode_autocast, print_table, write_json
+from bench_common import (InductorCode, diffusers_unet, flops_per_forward, images_per_second, mode_autocast, print_table,
+                          write_json)
 from ddpm_lightning.accel.grad_layout import GradLayoutProbe
 
 
@@ -207,12 +208,16 @@ def main() -> None:
                         help="profile steps 1-2 (compiled, not yet captured) by launching operator to "
                              "<profile_dir>/attrib-<variant>.txt, and list the weights whose gradient arrives "
                              "in another layout than the weight's (needs --warmup >= 3)")
+    parser.add_argument("--inductor_code", default=None, help="append inductor's generated code to this file")
     parser.add_argument("--json", default=None)
     parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="more `ddpm fit` overrides, last")
     args = parser.parse_args()
 
     rows, records = [], {}
+    code = InductorCode(args.inductor_code) if args.inductor_code else None
     for name in args.variants:
+        if code:
+            code.label = f"train {name}"
         try:
             result = run_variant(args.config, VARIANTS[name] + args.set, args.warmup, args.steps,
                                  f"{args.root}/{name}", args.profile_steps, f"{args.profile_dir}/profile-{name}.txt",
@@ -235,6 +240,8 @@ def main() -> None:
             print(f"[train] {name}: {len(mismatches)} weights receive gradients in another layout"
                   + "".join(f"\n[train]   {m['param']} {m['shape']}: param {m['param_stride']}, grad {m['grad_stride']}"
                             for m in mismatches[:8]), flush=True)
+        if args.json:  # as it goes: a run stopped at its time limit keeps the variants it finished
+            write_json(args.json, args, records)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if not records:

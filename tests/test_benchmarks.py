@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,17 +72,44 @@ def test_the_layout_report_names_a_weight_whose_gradient_arrives_in_another_layo
 def test_sample_throughput_compares_each_fast_path_with_fp32(tmp_path):
     record, _ = run("sample_throughput.py", tmp_path, "--preset", "tiny", "--image_size", "8", "--in_channels", "1",
                     "--batch_size", "4", "--respacing", "3", "--num_batches", "1", "--variants", "fp32", "bf16-cl-graph",
-                    "--diffusers", "bf16-cl", "--profile_dir", str(tmp_path))
+                    "fp32+bench", "--diffusers", "bf16-cl", "--profile_dir", str(tmp_path))
     results = record["results"]
     assert "Self CPU" in (tmp_path / "profile-sample-fp32.txt").read_text()
     assert results["fp32"]["rel_error"] == 0.0
+    # +bench: the same variant, timed with cuDNN's autotuner on, and only that one
+    assert results["fp32+bench"]["cudnn_benchmark"] and not results["fp32"]["cudnn_benchmark"]
+    assert results["fp32+bench"]["rel_error"] == 0.0 and not torch.backends.cudnn.benchmark
     assert 0 < results["bf16-cl-graph"]["rel_error"] < 3e-2  # bf16 rounding, not a different function
     assert results["diffusers bf16-cl"]["images_per_s"] > 0
 
 
 def test_fid_throughput_projects_50k(tmp_path):
     record, stdout = run("fid_throughput.py", tmp_path, "--preset", "tiny", "--image_size", "8", "--in_channels", "1",
-                         "--variant", "fp32", "--num_samples", "8", "--batch_size", "4", "--respacing", "3")
+                         "--variant", "fp32+bench", "--num_samples", "8", "--batch_size", "4", "--respacing", "3")
     result = record["results"]
-    assert result["num_samples"] == 8 and 0 < result["inception_seconds"]
+    assert result["num_samples"] == 8 and 0 < result["inception_seconds"] and result["cudnn_benchmark"]
     assert result["seconds_for_50k"] == result["seconds"] * 50_000 / 8 and result["warmup_seconds"] > 0
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on a CPU")
+def test_inductor_code_is_written_per_compiled_graph_under_its_label(tmp_path):
+    """What lets a GPU profile's kernel names be read back on a machine without a GPU."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from torch._inductor.graph import GraphLowering
+
+    from bench_common import InductorCode
+
+    code = InductorCode(str(tmp_path / "code.py"))
+    try:
+        code.label = "variant a"
+        torch.compile(lambda x: (x * 2).sin(), dynamic=False)(torch.randn(5))
+        code.label = "variant b"
+        torch.compile(lambda x: x.cos() + 1, dynamic=False)(torch.randn(3))
+        code.label = "variant a again"  # the same graph, compiled anew or loaded from inductor's cache
+        torch.compile(lambda x: (x * 2).sin(), dynamic=False)(torch.randn(5))
+    finally:
+        GraphLowering.save_output_code = None
+    text = (tmp_path / "code.py").read_text()
+    assert "# ===== variant a: graph 1\n" in text and "# ===== variant b: graph 2\n" in text
+    assert text.endswith("# ===== variant a again: the code of graph 1\n")
+    assert text.count("def call(") == 2  # each graph's wrapper, kernels included
