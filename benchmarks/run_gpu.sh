@@ -32,6 +32,9 @@ filter='^\[|^\||^[a-z]+,|FAILED|Error'
 PARTS=${PARTS:-train sample fid}
 part() { [[ " $PARTS " == *" $1 "* ]] && mkdir -p "$OUT/$1"; }
 pack() { tar czf "$OUT/$1.tar.gz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"; }
+# What inductor generated (Triton traffic, layout copies at cuDNN calls), summarised into the output tail.
+report() { [ -s "$1/inductor-code.py" ] && python3 inductor_report.py "$1/inductor-code.py" > "$1/inductor-report.txt" 2>&1; \
+  grep -E "^[^ ]|GB|ATen copies" "$1/inductor-report.txt" | head -${2:-40}; }
 
 if part train; then
   D=$OUT/train
@@ -41,6 +44,7 @@ if part train; then
     --profile_dir "$D" --attribute --inductor_code "$D/inductor-code.py" --json "$D/train.json" \
     --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \
     --data.init_args.in_memory=true --data.init_args.num_workers=16 --trainer.callbacks=[] 2>&1 | tee "$D/train.log" | grep -E "$filter"
+  report "$D"
   pack train
 fi
 if part sample; then
@@ -56,6 +60,7 @@ if part sample; then
     --variants ${SAMPLE_BIG_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+bench} \
     --batch_size "$B" --respacing 100 --num_batches 2 --inductor_code "$D/inductor-code.py" \
     --json "$D/sample-$B.json" 2>&1 | tee "$D/sample-$B.log" | grep -E "$filter"
+  report "$D" 20
   pack sample
 fi
 if part fid; then

@@ -113,3 +113,85 @@ def test_inductor_code_is_written_per_compiled_graph_under_its_label(tmp_path):
     assert "# ===== variant a: graph 1\n" in text and "# ===== variant b: graph 2\n" in text
     assert text.endswith("# ===== variant a again: the code of graph 1\n")
     assert text.count("def call(") == 2  # each graph's wrapper, kernels included
+
+
+SYNTHETIC_WRAPPER = """
+# ===== train demo: graph 1
+from ctypes import c_void_p
+triton_poi_fused_add_0 = async_compile.triton('triton_poi_fused_add_0', '''
+@triton.jit
+def triton_poi_fused_add_0(in_ptr0, out_ptr0, xnumel, XBLOCK):
+    inductor_meta={'kernel_name': 'triton_poi_fused_add_0', 'kernel_num_gb': 0.134}
+def call(args):
+    triton_poi_fused_add_0.run(*args, stream=stream0)
+''', device_str='cuda')
+triton_red_fused_native_group_norm_1 = async_compile.triton('triton_red_fused_native_group_norm_1', '''
+    inductor_meta={'kernel_name': 'triton_red_fused_native_group_norm_1', 'kernel_num_gb': 0.067}
+''', device_str='cuda')
+triton_poi_fused__to_copy_2 = async_compile.triton('triton_poi_fused__to_copy_2', '''
+    inductor_meta={'kernel_name': 'triton_poi_fused__to_copy_2', 'kernel_num_gb': 0.0001}
+''', device_str='cuda')
+def call(args):
+    primals_1, primals_2, tangents_1 = args
+    assert_size_stride(primals_1, (8, 4, 2, 2), (16, 1, 8, 4))
+    assert_size_stride_grouped((primals_2, tangents_1), ((4, 4, 3, 3), (8, 4, 2, 2)), ((36, 1, 12, 4), (16, 1, 8, 4)), 'input')
+    buf0 = empty_strided_cuda((8, 4, 2, 2), (16, 4, 2, 1), torch.bfloat16)
+    triton_poi_fused_add_0.run(tangents_1, buf0, 128, stream=stream0)
+    triton_poi_fused_add_0.run(tangents_1, buf0, 128, stream=stream0)
+    triton_red_fused_native_group_norm_1.run(buf0, 8, stream=stream0)
+    triton_poi_fused__to_copy_2.run(primals_2, 8, stream=stream0)
+    buf1 = torch.ops.aten.convolution_backward.default(buf0, primals_1, primals_2, [4], (1, 1), (1, 1), (1, 1), False, (0, 0), 1, [True, True, False])
+    buf2 = buf1[1]
+    assert_tensor_metadata(buf2, (4, 4, 3, 3), (36, 1, 12, 4), torch.bfloat16, 'op')
+    # extern_kernels.convolution_backward(buf0, primals_1, primals_2) in a comment is not a call
+    buf3 = extern_kernels.convolution_backward(tangents_1, primals_1, reinterpret_tensor(buf2, (4, 4, 3, 3), (36, 1, 12, 4), 0), [4])
+    return (buf2, )
+"""
+
+
+def test_inductor_report_counts_traffic_and_flags_layout_copies(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from inductor_report import analyse_wrapper, layout_name, print_report, split_graphs
+
+    graphs = split_graphs(SYNTHETIC_WRAPPER)
+    assert [label for label, _ in graphs] == ["train demo: graph 1"]
+    report = analyse_wrapper(graphs[0][1], graphs[0][0])
+    # the two launches in `call`, not the one in the kernel's own benchmark harness
+    assert report.launches == {"other elementwise": 2, "GroupNorm statistics": 1, "launches under 2 MB": 1}
+    assert report.total_bytes == pytest.approx((2 * 0.134 + 0.067 + 0.0001) * 1e9)
+    assert report.extern == {"convolution_backward": 2}
+    # a row-major gradient for a channels_last input is copied; a channels_last one is not
+    assert report.conv_backward == {("NCHW", "CL", "CL"): 1, ("CL", "CL", "CL"): 1}
+    print_report([report], bandwidth=1e12)
+    out = capsys.readouterr().out
+    assert "0.34 ms at 1.00 TB/s" in out and "ATen copies the gradient into CL" in out
+    assert layout_name((8, 1, 2, 2), (4, 4, 2, 1)) == "either" and layout_name((8, 4, 2, 2), (32, 1, 16, 8)).startswith("strides")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sample", "train"])
+def test_offline_cuda_codegen_lowers_the_unet_for_an_h100_without_a_gpu(kind):
+    """Inductor's CUDA wrapper for the tiny UNet, generated on this CPU: every convolution is a cuDNN call
+    with known layouts, the Triton kernels move bytes, and (training) no weight gets its gradient in
+    another layout."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from inductor_report import analyse_wrapper, split_graphs
+    from offline_cuda_codegen import sampling_forward_code, training_step_code
+
+    from ddpm_lightning.models import build_unet
+
+    net = build_unet("tiny", image_size=8, in_channels=3)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    grad_layouts: list = []
+    if kind == "sample":
+        codes = sampling_forward_code(net, 4, channels_last=True)
+    else:
+        codes = training_step_code(net, 4, channels_last=True, grad_layouts=grad_layouts)
+    reports = [analyse_wrapper(code, label) for label, code in split_graphs("\n".join(codes))]
+    assert len(reports) == (1 if kind == "sample" else 2)
+    assert all("cuda" in code and "triton" in code for code in codes)
+    assert reports[0].extern["convolution"] == convs and reports[0].total_bytes > 4 * 3 * 8 * 8 * 4
+    if kind == "train":
+        assert reports[1].extern["convolution_backward"] == convs and grad_layouts == []
+        assert sum(reports[1].conv_backward.values()) == convs
+        assert not any("unknown" in key for key in reports[1].conv_backward)

@@ -1,0 +1,204 @@
+"""What inductor's generated code for a graph costs: Triton memory traffic, kernel counts, extern calls,
+and layout conversions at cuDNN's convolution backward.
+
+Reads the wrappers that `--inductor_code` saves on a GPU (train_throughput.py, sample_throughput.py) or
+that `--offline` generates here without one (offline_cuda_codegen.py), and prints, per graph:
+- Triton kernel launches and the bytes they move (inductor's own count per kernel, from its metadata),
+  split into GroupNorm statistics (reductions), GroupNorm applications, other elementwise work, and
+  launches under 2 MB; and the time those bytes take at `--bandwidth` (a lower bound: the kernels are
+  memory-bound);
+- the extern kernels (cuDNN convolutions, cuBLAS matmuls, attention), which do the FLOPs;
+- for each convolution backward, the layouts of its gradient, input and weight. ATen copies a gradient
+  or input that is not dense in the layout it hands cuDNN (channels_last when the input or the weight
+  is) before the call, a strided copy for each of the two cuDNN calls (data and weight gradients).
+
+    python benchmarks/inductor_report.py out/train/inductor-code.py
+    python benchmarks/inductor_report.py --offline sample --preset ddpm_cifar10 --batch_size 512 --channels_last
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+_KERNEL = re.compile(r"^(\w+) = async_compile\.triton\('(\w+)', '''(.*?)'''", re.S | re.M)
+_SOURCE = re.compile(r"async_compile\.triton\('\w+', '''.*?'''", re.S)
+_LAYOUT = re.compile(r"(\w+) = empty_strided_cuda\(\(([^)]*)\), \(([^)]*)\)")
+_ASSERT = re.compile(r"assert_(?:size_stride|tensor_metadata)\((\w+), \(([^)]*)\), \(([^)]*)\)")
+_GROUPED = re.compile(r"assert_size_stride_grouped\((.*)\)\s*$", re.M)
+_VIEW = re.compile(r"(\w+) = reinterpret_tensor\((\w+), \(([^)]*)\), \(([^)]*)\), \d+\)")
+_REUSE = re.compile(r"(\w+) = (\w+); del \2  # reuse")
+TINY_BYTES = 2e6
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def layout_name(shape: tuple[int, ...], stride: tuple[int, ...]) -> str:
+    """NCHW, CL (channels_last), either (a shape where both coincide) or the strides, for a 4-D tensor."""
+    if len(shape) != 4:
+        return f"{len(shape)}-D"
+    n, c, h, w = shape
+    fits = lambda want: all(s == x or d == 1 for s, x, d in zip(stride, want, shape))  # noqa: E731
+    nchw, nhwc = fits((c * h * w, h * w, w, 1)), fits((h * w * c, 1, w * c, c))
+    return "either" if nchw and nhwc else "CL" if nhwc else "NCHW" if nchw else f"strides {stride}"
+
+
+def cudnn_format(input_layout: str, weight_layout: str) -> str:
+    """The layout ATen hands cuDNN: channels_last if the input or the weight is (cudnn_conv_suggest_memory_format)."""
+    return "CL" if "CL" in (input_layout, weight_layout) else "NCHW"
+
+
+@dataclass
+class GraphReport:
+    label: str
+    launches: Counter = field(default_factory=Counter)  # category -> Triton launches
+    bytes: Counter = field(default_factory=Counter)  # category -> bytes moved
+    extern: Counter = field(default_factory=Counter)  # extern kernel -> calls
+    conv_backward: Counter = field(default_factory=Counter)  # (grad, input, weight) layouts -> calls
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.bytes.values())
+
+
+def _split_args(text: str) -> list[str]:
+    args, depth, current = [], 0, ""
+    for ch in text:
+        if ch == "," and depth == 0:
+            args.append(current.strip())
+            current = ""
+            continue
+        depth += ch in "(["
+        depth -= ch in ")]"
+        current += ch
+    return args + [current.strip()]
+
+
+def _category(name: str, num_bytes: float) -> str:
+    if num_bytes < TINY_BYTES:
+        return "launches under 2 MB"
+    if "group_norm" in name:
+        return "GroupNorm statistics" if name.startswith("triton_red") else "GroupNorm application"
+    return "other elementwise"
+
+
+def analyse_wrapper(code: str, label: str) -> GraphReport:
+    """One compiled graph's wrapper (the module inductor writes: kernels, then `call`)."""
+    report = GraphReport(label)
+    kernels = {}
+    for var, name, source in _KERNEL.findall(code):
+        found = re.search(r"'kernel_num_gb': ([0-9.e+-]+)", source)
+        kernels[var] = (name, float(found.group(1)) * 1e9 if found else 0.0)
+    body = _SOURCE.sub("", code)  # each kernel's source holds a benchmark harness with its own `call`
+    body = body[body.find("def call("):]
+    body = "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("#"))
+    for var in re.findall(r"^\s+(\w+)\.run\(", body, re.M):
+        name, num_bytes = kernels.get(var, (var, 0.0))
+        category = _category(name, num_bytes)
+        report.launches[category] += 1
+        report.bytes[category] += num_bytes
+    report.extern.update(re.findall(r"extern_kernels\.(\w+)\(", body))
+    report.extern.update(re.findall(r"torch\.ops\.aten\.(\w+)\.default\(", body))
+
+    layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for regex in (_LAYOUT, _ASSERT):
+        for name, shape, stride in regex.findall(body):
+            layouts[name] = (_ints(shape), _ints(stride))
+    for grouped in _GROUPED.findall(body):  # (names), (shapes), (strides), 'what'
+        names, shapes, strides = _split_args(grouped)[:3]
+        for name, shape, stride in zip(_split_args(names.strip("()")), ast.literal_eval(shapes),
+                                       ast.literal_eval(strides)):
+            layouts[name] = (tuple(shape), tuple(stride))
+    for name, _, shape, stride in _VIEW.findall(body):
+        layouts[name] = (_ints(shape), _ints(stride))
+    reused = dict(_REUSE.findall(body))
+
+    def layout_of(arg: str) -> str:
+        view = re.match(r"reinterpret_tensor\((\w+), \(([^)]*)\), \(([^)]*)\), \d+\)", arg)
+        if view:
+            return layout_name(_ints(view.group(2)), _ints(view.group(3)))
+        for _ in range(len(reused) + 1):
+            if arg in layouts:
+                return layout_name(*layouts[arg])
+            if arg not in reused:
+                break
+            arg = reused[arg]
+        return "unknown"
+
+    calls = re.findall(r"(?:extern_kernels\.convolution_backward|torch\.ops\.aten\.convolution_backward\.default)"
+                       r"\((.*)\)\s*$", body, re.M)
+    for call in calls:
+        report.conv_backward[tuple(layout_of(a) for a in _split_args(call)[:3])] += 1
+    return report
+
+
+def split_graphs(text: str) -> list[tuple[str, str]]:
+    """(label, wrapper) per graph in a file of wrappers, as InductorCode writes (with `# ===== label`
+    headers) or as offline_cuda_codegen returns them (one module after another)."""
+    if "# ===== " in text:
+        parts = re.split(r"^# ===== (.*)$", text, flags=re.M)[1:]
+        return [(label, code) for label, code in zip(parts[::2], parts[1::2]) if "def call(" in code]
+    modules = re.split(r"^(?=from ctypes import)", text, flags=re.M)
+    return [(f"graph {i + 1}", code) for i, code in enumerate(m for m in modules if "def call(" in m)]
+
+
+def print_report(reports: list[GraphReport], bandwidth: float) -> None:
+    for report in reports:
+        total = report.total_bytes
+        print(f"\n{report.label}: {sum(report.launches.values())} Triton launches, {total / 1e9:.2f} GB, "
+              f">= {1e3 * total / bandwidth:.2f} ms at {bandwidth / 1e12:.2f} TB/s")
+        for category, num_bytes in report.bytes.most_common():
+            print(f"  {category:24s} {report.launches[category]:5d} launches  {num_bytes / 1e9:7.2f} GB "
+                  f"({100 * num_bytes / max(total, 1):4.1f}%)")
+        print("  extern kernels: " + ", ".join(f"{name} x{n}" for name, n in sorted(report.extern.items())))
+        for (grad, inp, weight), n in report.conv_backward.most_common():
+            copied = [what for what, layout in (("gradient", grad), ("input", inp))
+                      if layout not in (cudnn_format(inp, weight), "either")]
+            mark = f"  <- ATen copies the {' and '.join(copied)} into {cudnn_format(inp, weight)}" if copied else ""
+            print(f"  convolution_backward x{n}: gradient {grad}, input {inp}, weight {weight}{mark}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("code", nargs="?", help="a file of inductor wrappers (--inductor_code's output)")
+    parser.add_argument("--offline", choices=["sample", "train"], help="generate the code here first, without a GPU")
+    parser.add_argument("--preset", default="ddpm_cifar10")
+    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--save", default=None, help="with --offline: also write the generated code here")
+    parser.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (an H100 SXM's HBM3: 3.35e12)")
+    args = parser.parse_args()
+    if args.offline:
+        from ddpm_lightning.models import build_unet
+        from offline_cuda_codegen import sampling_forward_code, training_step_code
+
+        net = build_unet(args.preset)
+        if args.offline == "sample":
+            codes = sampling_forward_code(net, args.batch_size, args.channels_last)
+        else:
+            grad_layouts: list = []
+            codes = training_step_code(net, args.batch_size, args.channels_last, grad_layouts)
+            print(f"weights whose gradient the backward returns in another layout: {len(grad_layouts)}"
+                  + "".join(f"\n  {name}: weight {w}, gradient {g}" for name, w, g in grad_layouts[:10]))
+        text = "\n".join(codes)
+        if args.save:
+            with open(args.save, "w") as handle:
+                handle.write(text)
+    elif args.code:
+        with open(args.code) as handle:
+            text = handle.read()
+    else:
+        parser.error("give a file of inductor code or --offline sample|train")
+    reports = [analyse_wrapper(code, label) for label, code in split_graphs(text)]
+    if not reports:
+        raise SystemExit("no inductor wrapper found (a file written by --inductor_code or --save)")
+    print_report(reports, args.bandwidth)
+
+
+if __name__ == "__main__":
+    main()
