@@ -9,8 +9,9 @@ that `--offline` generates here without one (offline_cuda_codegen.py), and print
   memory-bound);
 - the extern kernels (cuDNN convolutions, cuBLAS matmuls, attention), which do the FLOPs;
 - for each convolution backward, the layouts of its gradient, input and weight. ATen copies a gradient
-  or input that is not dense in the layout it hands cuDNN (channels_last when the input or the weight
-  is) before the call, a strided copy for each of the two cuDNN calls (data and weight gradients).
+  that does not match the layout it hands cuDNN (channels_last when the input or the weight is): once if
+  it is dense in the other layout, twice (for the data and the weight gradient) if it is not dense, as a
+  channel slice is (aten/src/ATen/native/cudnn/ConvShared.cpp).
 
     python benchmarks/inductor_report.py out/train/inductor-code.py
     python benchmarks/inductor_report.py --offline sample --preset ddpm_cifar10 --batch_size 512 --channels_last
