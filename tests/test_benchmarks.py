@@ -78,7 +78,7 @@ def test_sample_throughput_compares_each_fast_path_with_fp32(tmp_path):
     assert results["fp32"]["rel_error"] == 0.0
     # +bench: the same variant, timed with cuDNN's autotuner on, and only that one
     assert results["fp32+bench"]["cudnn_benchmark"] and not results["fp32"]["cudnn_benchmark"]
-    assert results["fp32+bench"]["rel_error"] == 0.0 and not torch.backends.cudnn.benchmark
+    assert results["fp32+bench"]["rel_error"] == 0.0
     assert 0 < results["bf16-cl-graph"]["rel_error"] < 3e-2  # bf16 rounding, not a different function
     assert results["diffusers bf16-cl"]["images_per_s"] > 0
 
