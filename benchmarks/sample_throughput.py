@@ -176,6 +176,8 @@ def main() -> None:
               flush=True)
         del module
     for mode in args.diffusers:
+        if code:
+            code.label = f"diffusers {mode} batch {args.batch_size}"
         try:
             rate = diffusers_forward(args.preset, mode, args.batch_size, 20, device)
         except Exception as err:

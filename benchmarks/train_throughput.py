@@ -250,6 +250,8 @@ def main() -> None:
     flops = 3 * flops_per_forward(first["net"], first["image_size"], first["in_channels"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for mode in args.diffusers:
+        if code:
+            code.label = f"diffusers {mode}"
         try:
             rate = diffusers_baseline(first["net"], mode, first["batch"], args.warmup, args.steps, device)
         except Exception as err:
