@@ -29,8 +29,10 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
         head_dim = channels // self.num_heads
-        # [N, C, H, W] -> [N, HW, C] tokens: a free view when x is channels_last.
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        # [N, C, H, W] -> [NHW, C] tokens: a free view when x is channels_last. Flat, so that the projection
+        # is one matrix product even where a compiler lays the normalised x out NCHW (inductor's sampling
+        # graph does, and a 3-D input then became a batched product with a broadcast weight).
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(batch * height * width, channels)
         qkv = self.qkv(tokens).view(batch, height * width, 3, self.num_heads, head_dim)
         # [3, N, heads, HW, head_dim] with unit stride on head_dim, the layout SDPA kernels want.
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
