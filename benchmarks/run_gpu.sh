@@ -4,7 +4,7 @@
 # torchmetrics installed; jsonargparse, torch-fidelity and diffusers may come as wheels in .whl/, and the
 # CIFAR-10 JPEG tarball at .data/ (both git-ignored; RESULTS.md says how to fill them).
 #
-# PARTS picks the benchmarks (default: train sample fid). On an H100 `train` takes about 5 minutes and
+# PARTS picks the benchmarks (default: train sample fid). On an H100 `train` takes about 6 minutes and
 # `sample fid` about 4, most of it compilation, so with 10 minutes a call run them as two calls:
 #   PARTS=train bash benchmarks/run_gpu.sh;  PARTS="sample fid" bash benchmarks/run_gpu.sh
 # Each part writes its logs, JSON, profiles and inductor's generated code into ${OUT}/<part>/ and packs that
@@ -39,12 +39,12 @@ report() { [ -s "$1/inductor-code.py" ] && python3 inductor_report.py "$1/induct
 if part train; then
   D=$OUT/train
   timeout ${TRAIN_TIMEOUT:-420} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml \
-    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+adopt bf16-compile-graph} \
+    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+adopt bf16-compile-graph bf16-cl-compile-graph+combo} \
     --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-100} --profile_steps 5 \
     --profile_dir "$D" --attribute --inductor_code "$D/inductor-code.py" --json "$D/train.json" \
     --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \
     --data.init_args.in_memory=true --data.init_args.num_workers=16 --trainer.callbacks=[] 2>&1 | tee "$D/train.log" | grep -E "$filter"
-  report "$D"
+  report "$D" 70
   pack train
 fi
 if part sample; then
