@@ -80,21 +80,26 @@ def _offline_h100(save: Callable[[str], None]) -> Iterator[None]:
         mock.patch.object(config, "fx_graph_cache", False),  # a cached graph would skip the lowering
         mock.patch.object(torch._functorch.config, "enable_autograd_cache", False),
     ]
-    # The passes' pattern tables are traced once per device on real tensors; the CPU's are the same patterns.
+    # The passes' pattern tables are traced once per device, on real tensors: asked for CUDA, trace the CPU's
+    # (the same patterns). Any other call stays as it was, so that a table built earlier in this process
+    # is found in the cache and not registered twice.
+    on_cpu = lambda v: torch.device("cpu") if isinstance(v, torch.device) and v.type == "cuda" else v  # noqa: E731
     for module in (joint_graph, post_grad):
         if hasattr(module, "lazy_init"):
             init = module.lazy_init
-            patches.append(mock.patch.object(module, "lazy_init", lambda *a, _init=init, **k: _init(torch.device("cpu"))))
+            patches.append(mock.patch.object(module, "lazy_init", lambda *a, _init=init, **k: _init(
+                *map(on_cpu, a), **{key: on_cpu(v) for key, v in k.items()})))
+    def forget_triton_probes() -> None:  # cached answers to "is there a GPU?", from before or during the patches
+        for probe in (triton_utils.has_triton, getattr(triton_utils, "has_triton_package", None)):
+            if hasattr(probe, "cache_clear"):
+                probe.cache_clear()
+
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
-        for probe in (triton_utils.has_triton, getattr(triton_utils, "has_triton_package", None)):
-            if hasattr(probe, "cache_clear"):
-                probe.cache_clear()  # answered "no GPU" before the patches
+        forget_triton_probes()
         yield
-    for probe in (triton_utils.has_triton, getattr(triton_utils, "has_triton_package", None)):
-        if hasattr(probe, "cache_clear"):
-            probe.cache_clear()
+    forget_triton_probes()
 
 
 def _lower(compile_graph: Callable[[], None], codes: list[str]) -> None:
