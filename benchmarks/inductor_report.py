@@ -30,7 +30,8 @@ _SOURCE = re.compile(r"async_compile\.triton\('\w+', '''.*?'''", re.S)
 _LAYOUT = re.compile(r"(\w+) = empty_strided_cuda\(\(([^)]*)\), \(([^)]*)\)")
 _ASSERT = re.compile(r"assert_(?:size_stride|tensor_metadata)\((\w+), \(([^)]*)\), \(([^)]*)\)")
 _GROUPED = re.compile(r"assert_size_stride_grouped\((.*)\)\s*$", re.M)
-_VIEW = re.compile(r"(\w+) = reinterpret_tensor\((\w+), \(([^)]*)\), \(([^)]*)\), \d+\)")
+_REINTERPRET = r"reinterpret_tensor\((\w+), \(([^)]*)\), \(([^)]*)\), \d+\)"  # a view: (base, shape, strides)
+_VIEW = re.compile(r"(\w+) = " + _REINTERPRET)
 _REUSE = re.compile(r"(\w+) = (\w+); del \2  # reuse")
 TINY_BYTES = 2e6
 
@@ -120,7 +121,7 @@ def analyse_wrapper(code: str, label: str) -> GraphReport:
     reused = dict(_REUSE.findall(body))
 
     def layout_of(arg: str) -> str:
-        view = re.match(r"reinterpret_tensor\((\w+), \(([^)]*)\), \(([^)]*)\), \d+\)", arg)
+        view = re.fullmatch(_REINTERPRET, arg)
         if view:
             return layout_name(_ints(view.group(2)), _ints(view.group(3)))
         for _ in range(len(reused) + 1):

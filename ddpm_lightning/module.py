@@ -6,8 +6,8 @@ import math
 from typing import Any, Optional, Union
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ddpm_lightning.accel import CompiledCall, FastForward, TrainStep
@@ -42,7 +42,6 @@ class TimestepRescaler(NetworkWrapper):
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         t = t.float() * self.scale if self.scale != 1.0 else t
         return self.net(x, t, y) if self.class_cond else self.net(x, t)
-
 
 
 class DiffusionModule(L.LightningModule):
