@@ -62,6 +62,8 @@ class GraphReport:
     bytes: Counter = field(default_factory=Counter)  # category -> bytes moved
     extern: Counter = field(default_factory=Counter)  # extern kernel -> calls
     conv_backward: Counter = field(default_factory=Counter)  # (grad, input, weight) layouts -> calls
+    activations: Counter = field(default_factory=Counter)  # layout -> 4-D buffers with the batch's leading size
+    bytes_known: bool = True  # False for code generated without kernel_num_gb in its metadata
 
     @property
     def total_bytes(self) -> float:
@@ -81,11 +83,13 @@ def _split_args(text: str) -> list[str]:
     return args + [current.strip()]
 
 
-def _category(name: str, num_bytes: float) -> str:
-    if num_bytes < TINY_BYTES:
+def _category(name: str, num_bytes: float | None) -> str:
+    if num_bytes is not None and num_bytes < TINY_BYTES:
         return "launches under 2 MB"
-    if "group_norm" in name:
-        return "GroupNorm statistics" if name.startswith("triton_red") else "GroupNorm application"
+    # ATen's GroupNorm names its kernels; GroupNorm32's compiled formula shows as var_mean (statistics) and
+    # rsqrt (application) in the ops a kernel fuses.
+    if any(op in name for op in ("group_norm", "var_mean", "rsqrt")):
+        return "GroupNorm statistics" if name.startswith(("triton_red", "triton_per")) else "GroupNorm application"
     return "other elementwise"
 
 
@@ -95,15 +99,16 @@ def analyse_wrapper(code: str, label: str) -> GraphReport:
     kernels = {}
     for var, name, source in _KERNEL.findall(code):
         found = re.search(r"'kernel_num_gb': ([0-9.e+-]+)", source)
-        kernels[var] = (name, float(found.group(1)) * 1e9 if found else 0.0)
+        kernels[var] = (name, float(found.group(1)) * 1e9 if found else None)
+        report.bytes_known &= found is not None
     body = _SOURCE.sub("", code)  # each kernel's source holds a benchmark harness with its own `call`
     body = body[body.find("def call("):]
     body = "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("#"))
     for var in re.findall(r"^\s+(\w+)\.run\(", body, re.M):
-        name, num_bytes = kernels.get(var, (var, 0.0))
+        name, num_bytes = kernels.get(var, (var, None))
         category = _category(name, num_bytes)
         report.launches[category] += 1
-        report.bytes[category] += num_bytes
+        report.bytes[category] += num_bytes or 0.0
     report.extern.update(re.findall(r"extern_kernels\.(\w+)\(", body))
     report.extern.update(re.findall(r"torch\.ops\.aten\.(\w+)\.default\(", body))
 
@@ -119,6 +124,11 @@ def analyse_wrapper(code: str, label: str) -> GraphReport:
     for name, _, shape, stride in _VIEW.findall(body):
         layouts[name] = (_ints(shape), _ints(stride))
     reused = dict(_REUSE.findall(body))
+    # Activations: the 4-D buffers with a height and width whose leading size is the most common one (the
+    # batch; weights lead with their output channels). In a channels_last graph each NCHW one is a conversion.
+    images = [(shape, stride) for shape, stride in layouts.values() if len(shape) == 4 and min(shape[2:]) > 1]
+    batch = Counter(shape[0] for shape, _ in images).most_common(1)
+    report.activations.update(layout_name(shape, stride) for shape, stride in images if shape[0] == batch[0][0])
 
     def layout_of(arg: str) -> str:
         view = re.fullmatch(_REINTERPRET, arg)
@@ -152,12 +162,17 @@ def split_graphs(text: str) -> list[tuple[str, str]]:
 def print_report(reports: list[GraphReport], bandwidth: float) -> None:
     for report in reports:
         total = report.total_bytes
-        print(f"\n{report.label}: {sum(report.launches.values())} Triton launches, {total / 1e9:.2f} GB, "
-              f">= {1e3 * total / bandwidth:.2f} ms at {bandwidth / 1e12:.2f} TB/s")
-        for category, num_bytes in report.bytes.most_common():
-            print(f"  {category:24s} {report.launches[category]:5d} launches  {num_bytes / 1e9:7.2f} GB "
-                  f"({100 * num_bytes / max(total, 1):4.1f}%)")
+        if report.bytes_known:
+            print(f"\n{report.label}: {sum(report.launches.values())} Triton launches, {total / 1e9:.2f} GB, "
+                  f">= {1e3 * total / bandwidth:.2f} ms at {bandwidth / 1e12:.2f} TB/s")
+        else:
+            print(f"\n{report.label}: {sum(report.launches.values())} Triton launches, bytes unknown (inductor "
+                  "writes them with TORCHINDUCTOR_BENCHMARK_KERNEL=1)")
+        for category, num_bytes in (report.bytes if report.bytes_known else report.launches).most_common():
+            share = f"  {num_bytes / 1e9:7.2f} GB ({100 * num_bytes / max(total, 1):4.1f}%)" if report.bytes_known else ""
+            print(f"  {category:24s} {report.launches[category]:5d} launches{share}")
         print("  extern kernels: " + ", ".join(f"{name} x{n}" for name, n in sorted(report.extern.items())))
+        print("  activation buffers: " + ", ".join(f"{layout} x{n}" for layout, n in report.activations.most_common()))
         for (grad, inp, weight), n in report.conv_backward.most_common():
             copied = [what for what, layout in (("gradient", grad), ("input", inp))
                       if layout not in (cudnn_format(inp, weight), "either")]

@@ -11,6 +11,11 @@ What differs from a GPU run, and why:
 - The training step cannot be: autograd's engine needs a CUDA device to run a backward on CUDA tensors.
   Its joint graph is traced on fake CPU tensors instead, with CUDA autocast's bf16 policy for the ops the
   UNet uses (CPU autocast has another op list), then each partitioned graph is moved to CUDA and lowered.
+- The model takes the branches it takes under torch.compile (`torch.compiler.is_compiling()` answers True
+  while tracing, as under dynamo), e.g. GroupNorm32's layout-keeping formula.
+- ATen's composite ops that branch on the device would take the CPU branch in the training trace. The one
+  the UNets call, aten.group_norm, is given its CUDA branch: it makes a CUDA input contiguous, where the
+  CPU branch keeps channels_last. Without that, this trace missed the NCHW copies of the GPU's real code.
 - Convolutions get cuDNN's layout rules (a GPU-less trace would take the slow kernel's), attention takes
   cuDNN's fused kernel (what torch 2.11 picks on an H100), and two passes that run kernels on the card
   are off: constant folding, and the padding of matmuls with unaligned sizes (the paper nets' are
@@ -48,6 +53,13 @@ def _cudnn_rules() -> Iterator[None]:
     """Convolutions take cuDNN's memory-format rules and attention cuDNN's fused kernel while tracing."""
     with mock.patch.object(torch._C, "_select_conv_backend", lambda *a, **k: torch._C._ConvBackend.Cudnn), \
             mock.patch.object(F, "scaled_dot_product_attention", _cudnn_attention):
+        yield
+
+
+@contextlib.contextmanager
+def _tracing_as_compiled() -> Iterator[None]:
+    """The model's code sees what it sees under torch.compile: `torch.compiler.is_compiling()` is True."""
+    with mock.patch("torch.compiler.is_compiling", lambda: True):
         yield
 
 
@@ -147,7 +159,7 @@ def sampling_forward_code(net: nn.Module, batch_size: int, channels_last: bool) 
             torch.clear_autocast_cache()
         return out.float()
 
-    with _cudnn_rules(), torch.no_grad():
+    with _cudnn_rules(), _tracing_as_compiled(), torch.no_grad():
         graph = make_fx(forward, tracing_mode="fake", _allow_non_fake_inputs=True)(state, x, t)
     codes: list[str] = []
     with _cudnn_rules(), _offline_h100(codes.append), mode:
@@ -160,8 +172,10 @@ _AUTOCAST_BF16 = {F.conv2d, F.linear, torch.matmul, torch.bmm, torch.addmm, torc
 _AUTOCAST_FP32 = {F.group_norm, F.layer_norm, F.softmax, F.log_softmax, F.mse_loss}
 
 
-class _CudaAutocastPolicy(torch.overrides.TorchFunctionMode):
-    """CUDA autocast's casts, applied to CPU tensors: the bf16 ops get bf16 inputs, the fp32 ops fp32."""
+class _CudaOnCpu(torch.overrides.TorchFunctionMode):
+    """What CUDA does differently, applied to CPU tensors: autocast's casts (the bf16 ops get bf16 inputs, the
+    fp32 ops fp32), and aten.group_norm's CUDA branch, which makes its input contiguous (NCHW) where the CPU
+    branch keeps channels_last (aten/src/ATen/native/group_norm.cpp)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -169,6 +183,8 @@ class _CudaAutocastPolicy(torch.overrides.TorchFunctionMode):
         if dtype is not None:
             cast = lambda a: a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a  # noqa: E731
             args, kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+        if func is F.group_norm:
+            args = (args[0].contiguous(), *args[1:])
         return func(*args, **kwargs)
 
 
@@ -208,13 +224,13 @@ def training_step_code(net: nn.Module, batch_size: int, channels_last: bool,
         return compiler
 
     def loss(params, x, t, noise):
-        with _CudaAutocastPolicy():
+        with _CudaOnCpu():
             out = torch.func.functional_call(net, {**dict(zip(names, params)), **buffers}, (x, t))
         return F.mse_loss(out.float(), noise)
 
     step = aot_function(loss, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
                         partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
-    with _cudnn_rules(), mode:
+    with _cudnn_rules(), _tracing_as_compiled(), mode:
         step(params, x, t, noise).backward()
 
     cuda = torch.device("cuda", 0)

@@ -4,8 +4,9 @@
 # torchmetrics installed; jsonargparse, torch-fidelity and diffusers may come as wheels in .whl/, and the
 # CIFAR-10 JPEG tarball at .data/ (both git-ignored; RESULTS.md says how to fill them).
 #
-# PARTS picks the benchmarks (default: train sample fid). On an H100 `train` takes about 6 minutes and
-# `sample fid` about 4, most of it compilation, so with 10 minutes a call run them as two calls:
+# PARTS picks the benchmarks (default: train sample fid). On an H100 `train` takes about 5 minutes and
+# `sample fid` about 4, most of it compilation, so with 10 minutes a call run them as two calls, the second
+# at once (a machine is kept warm for 30 s only):
 #   PARTS=train bash benchmarks/run_gpu.sh;  PARTS="sample fid" bash benchmarks/run_gpu.sh
 # Each part writes its logs, JSON, profiles and inductor's generated code into ${OUT}/<part>/ and packs that
 # folder into ${OUT}/<part>.tar.gz when it ends, also when it stopped at its timeout: the device machine
@@ -20,7 +21,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
+# BENCHMARK_KERNEL: inductor writes each kernel's bytes into the saved code (for inductor_report.py).
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16} TORCHINDUCTOR_BENCHMARK_KERNEL=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 DATA=${DATA:-/tmp/cifar}
@@ -39,7 +41,7 @@ report() { [ -s "$1/inductor-code.py" ] && python3 inductor_report.py "$1/induct
 if part train; then
   D=$OUT/train
   timeout ${TRAIN_TIMEOUT:-420} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml \
-    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+adopt bf16-compile-graph bf16-cl-compile-graph+combo} \
+    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-compile-graph+combo} \
     --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-100} --profile_steps 5 \
     --profile_dir "$D" --attribute --inductor_code "$D/inductor-code.py" --json "$D/train.json" \
     --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \

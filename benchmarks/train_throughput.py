@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 import traceback
+from typing import Iterable
 
 import lightning as L
 import torch
@@ -22,8 +23,30 @@ import torch.nn.functional as F
 
 from bench_common import (InductorCode, diffusers_unet, flops_per_forward, images_per_second, mode_autocast, print_table,
                           write_json)
-from ddpm_lightning.accel.grad_layout import GradLayoutProbe
 
+
+class GradLayoutProbe:
+    """Records the strides each parameter's gradient arrives with, before AccumulateGrad copies it into the
+    parameter's own layout (one strided copy per such weight and step; none on the H100 so far)."""
+
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]):
+        self.params = dict(named_params)
+        self.grad_strides: dict[str, tuple[int, ...]] = {}
+        self.hooks = [p.register_hook(lambda grad, name=name: self._record(name, grad))
+                      for name, p in self.params.items()]
+
+    def _record(self, name: str, grad: torch.Tensor) -> None:
+        self.grad_strides[name] = tuple(grad.stride())  # the latest backward's
+
+    def mismatches(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, gradient strides) of each parameter whose gradient arrived with other strides."""
+        return [(name, stride) for name, stride in self.grad_strides.items()
+                if stride != self.params[name].stride()]
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
 
 
 def overrides(precision: str, channels_last: bool, compile: bool, cuda_graph: bool) -> list[str]:
@@ -44,9 +67,6 @@ VARIANTS = {
     # An experiment: compiled autograd traces AccumulateGrad too, so inductor may write each weight gradient in
     # its parameter's layout instead of leaving a strided copy per weight (see RESULTS.md's profile).
     "bf16-cl-compile-graph+ca": overrides("bf16-mixed", True, True, True),
-    # An experiment: TrainStep.adopt_grad_layouts gives each weight the layout its gradient arrives in.
-    "bf16-cl-compile-graph+adopt": overrides("bf16-mixed", True, True, True),
-    "bf16-compile-graph+adopt": overrides("bf16-mixed", False, True, True),
     # An experiment: inductor's combo kernels launch independent small kernels (weight casts, bias gradients)
     # as one; offline (inductor_report.py) they cut the step's Triton launches from 943 to 604.
     "bf16-cl-compile-graph+combo": overrides("bf16-mixed", True, True, True),
@@ -136,7 +156,7 @@ class StepTimer(L.Callback):
 def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root: str, profile_steps: int = 0,
                 profile_path: str | None = None, compiled_autograd: bool = False,
                 attribute_path: str | None = None, report_layouts: bool = False,
-                adopt_grad_layouts: bool = False, combo_kernels: bool = False) -> dict:
+                combo_kernels: bool = False) -> dict:
     """One `ddpm fit` run with a StepTimer; returns images/s and the run's facts."""
     from ddpm_lightning.config_bases import expand_config_bases
     from ddpm_lightning.lightning_cli import DDPMCLI
@@ -153,26 +173,23 @@ def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root
     cli.trainer.callbacks.append(timer)
     start = time.perf_counter()
     import torch._dynamo
-
-    from ddpm_lightning.accel import TrainStep
-
     import torch._inductor.config
 
+    # Each variant compiles anew: dynamo would otherwise reuse an earlier variant's code (its guards do not
+    # cover inductor's settings), as the first +combo run did on the GPU (it timed the default's kernels).
+    torch._dynamo.reset()
     torch._dynamo.config.compiled_autograd = compiled_autograd
-    TrainStep.adopt_grad_layouts = adopt_grad_layouts
     torch._inductor.config.combo_kernels = combo_kernels
     try:
         cli.trainer.fit(cli.model, cli.datamodule)
     finally:
         torch._dynamo.config.compiled_autograd = False
-        TrainStep.adopt_grad_layouts = False
         torch._inductor.config.combo_kernels = False
     batch = cli.datamodule.device_batch_size() * cli.trainer.world_size
     return {"images_per_s": batch * steps / timer.seconds, "batch": batch, "seconds": timer.seconds,
             "wall_s": time.perf_counter() - start, "net": cli.model.hparams.net, "image_size": cli.model.hparams.image_size,
             "in_channels": cli.model.hparams.in_channels, "module": cli.model, "final_loss": timer.loss,
-            **({"grad_layout_mismatches": timer.layout_mismatches} if report_layouts else {}),
-            **({"adopted_layouts": cli.model._train_step.adopted} if adopt_grad_layouts else {})}
+            **({"grad_layout_mismatches": timer.layout_mismatches} if report_layouts else {})}
 
 
 def diffusers_baseline(preset: str, mode: str, batch: int, warmup: int, steps: int, device: torch.device) -> float:
@@ -228,10 +245,10 @@ def main() -> None:
         try:
             result = run_variant(args.config, VARIANTS[name] + args.set, args.warmup, args.steps,
                                  f"{args.root}/{name}", args.profile_steps, f"{args.profile_dir}/profile-{name}.txt",
-                                 compiled_autograd=name.endswith("+ca"), adopt_grad_layouts=name.endswith("+adopt"),
+                                 compiled_autograd=name.endswith("+ca"),
                                  combo_kernels=name.endswith("+combo"),
-                                 # Not under compiled autograd, which would trace the probe's hooks into its
-                                 # graph; +adopt recompiles at step 1, which would swamp the attribution.
+                                 # Only for the plain variants: the experiments differ in settings, not kernels'
+                                 # callers, and compiled autograd would trace the probe's hooks into its graph.
                                  attribute_path=f"{args.profile_dir}/attrib-{name}.txt"
                                  if args.attribute and "+" not in name else None,
                                  report_layouts=args.attribute and not name.endswith("+ca"))

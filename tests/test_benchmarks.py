@@ -162,9 +162,16 @@ def test_inductor_report_counts_traffic_and_flags_layout_copies(capsys):
     assert report.extern == {"convolution_backward": 2}
     # a row-major gradient for a channels_last input is copied; a channels_last one is not
     assert report.conv_backward == {("NCHW", "CL", "CL"): 1, ("CL", "CL", "CL"): 1}
+    # the batch-8 image buffers (the weights lead with 4): two channels_last inputs, one NCHW gradient
+    assert report.activations == {"CL": 2, "NCHW": 1}
     print_report([report], bandwidth=1e12)
     out = capsys.readouterr().out
     assert "0.34 ms at 1.00 TB/s" in out and "ATen copies the gradient into CL" in out
+    # code generated on a GPU without inductor's byte counts says so, instead of reporting 0 GB
+    real = analyse_wrapper(graphs[0][1].replace("'kernel_num_gb'", "'other'"), "gpu")
+    assert not real.bytes_known and real.launches["GroupNorm statistics"] == 1
+    print_report([real], bandwidth=1e12)
+    assert "4 Triton launches, bytes unknown" in capsys.readouterr().out
     assert layout_name((8, 1, 2, 2), (4, 4, 2, 1)) == "either" and layout_name((8, 4, 2, 2), (32, 1, 16, 8)).startswith("strides")
 
 
@@ -173,7 +180,8 @@ def test_inductor_report_counts_traffic_and_flags_layout_copies(capsys):
 def test_offline_cuda_codegen_lowers_the_unet_for_an_h100_without_a_gpu(kind):
     """Inductor's CUDA wrapper for the tiny UNet, generated on this CPU: every convolution is a cuDNN call
     with known layouts, the Triton kernels move bytes, and (training) no weight gets its gradient in
-    another layout."""
+    another layout, and the forward writes no NCHW activation under channels_last (with ATen's GroupNorm it
+    wrote an NCHW copy of each normalised one, which the backward's convolutions then copied back)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from inductor_report import analyse_wrapper, split_graphs
     from offline_cuda_codegen import sampling_forward_code, training_step_code
@@ -194,6 +202,7 @@ def test_offline_cuda_codegen_lowers_the_unet_for_an_h100_without_a_gpu(kind):
     # Attention's qkv projection stays one matrix product, not a batched one over a broadcast weight.
     assert "bmm" not in reports[0].extern
     if kind == "train":
+        assert reports[0].activations["CL"] > 0 and reports[0].activations["NCHW"] == 0, reports[0].activations
         assert reports[1].extern["convolution_backward"] == convs and grad_layouts == []
         assert sum(reports[1].conv_backward.values()) == convs
         assert not any("unknown" in key for key in reports[1].conv_backward)

@@ -21,19 +21,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
-from ddpm_lightning.accel.grad_layout import GradLayoutProbe, adopt_grad_layouts
-
 if TYPE_CHECKING:
     from ddpm_lightning.module import DiffusionModule
 
 
 class TrainStep:
     """Runs DiffusionModule training steps, captured as a CUDA graph when `capture` is True.
-
-    With `adopt_grad_layouts` (an experiment, off until a GPU measurement shows it pays; see
-    accel/grad_layout.py), the first step records the strides each weight's gradient arrives with, and
-    weights whose gradients arrive in another layout take that layout, with their optimizer state and EMA
-    copies, before any capture. Single-process runs only: DDP's gradient buckets keep the old layout.
 
     Args:
         module: the DiffusionModule (its net, model wrapper, diffusion, EMA and grad_clip are used).
@@ -42,8 +35,6 @@ class TrainStep:
         warmup_steps: real steps run eagerly on a side stream before the capture, so that lazy
             initialisation (cuBLAS/cuDNN handles, compilation, optimizer state) happens outside it.
     """
-
-    adopt_grad_layouts = False
 
     def __init__(self, module: "DiffusionModule", optimizer: torch.optim.Optimizer, capture: bool,
                  warmup_steps: int = 3):
@@ -59,10 +50,6 @@ class TrainStep:
         self.outputs: dict[str, Tensor] = {}
         self.eager_calls = 0
         self.ema_weights: Optional[Tensor] = None
-        trainer = getattr(module, "_trainer", None)
-        single = trainer is None or trainer.world_size == 1
-        self.probe = GradLayoutProbe(module.net.named_parameters()) if self.adopt_grad_layouts and single else None
-        self.adopted: list[str] = []
         if capture:
             self._make_capturable()
 
@@ -89,9 +76,7 @@ class TrainStep:
                 self.ema_weights[i].fill_(1.0 - self.module.ema.decay_at(decay, ema_updates))
         if not self.capture:
             self.optimizer.zero_grad(set_to_none=True)
-            out = self._body(x_start, y, t, weights, ema_updates)
-            self._adopt_layouts()
-            return out
+            return self._body(x_start, y, t, weights, ema_updates)
         key = (tuple(x_start.shape), x_start.dtype, None if y is None else tuple(y.shape))
         if self.graph is not None and key == self.key:
             self._load_static(x_start, y, t, weights)
@@ -100,10 +85,7 @@ class TrainStep:
         if self.eager_calls < self.warmup_steps or self.graph is not None:
             # Warm-up, or a batch of another shape (a short last batch): a real step, eagerly.
             self.eager_calls += 1
-            out = self._eager_on_side_stream(x_start, y, t, weights, ema_updates)
-            if self._adopt_layouts() and self.eager_calls >= self.warmup_steps:
-                self.eager_calls -= 1  # one more eager step: recompile for the new layouts outside a capture
-            return out
+            return self._eager_on_side_stream(x_start, y, t, weights, ema_updates)
         try:
             self._capture(x_start, y, t, weights, ema_updates, key)
         except RuntimeError as err:
@@ -120,18 +102,6 @@ class TrainStep:
         return self.outputs
 
     # ----------------------------------------------------------------- internals
-    def _adopt_layouts(self) -> bool:
-        """After the first probed step: give mismatched weights their gradients' layout; True if any changed."""
-        if self.probe is None:
-            return False
-        mismatches = self.probe.mismatches()
-        self.probe.remove()
-        self.probe = None
-        if mismatches:
-            adopt_grad_layouts(mismatches, self.module.net, self.optimizer, self.module.ema.averages)
-            self.adopted = [name for name, _ in mismatches]
-        return bool(mismatches)
-
     def _body(self, x_start: Tensor, y: Optional[Tensor], t: Tensor, weights: Tensor, ema_updates: int) -> dict[str, Tensor]:
         module = self.module
         with self._autocast():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .group_norm import group_norm
 
 DOWNSAMPLE_PADDINGS = ("symmetric", "asymmetric")
 RESAMPLE_MODES = ("none", "up", "down")
@@ -23,6 +26,10 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         # Statistics in bf16/fp16 lose precision; upcasting is a no-op for float32 inputs.
+        if torch.compiler.is_compiling():
+            # ATen's group_norm would put an NCHW copy of each channels_last activation into the compiled
+            # graph (see group_norm.py); eager keeps ATen's fused kernel.
+            return group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
         return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
 
 

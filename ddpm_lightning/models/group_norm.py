@@ -1,0 +1,72 @@
+"""GroupNorm (Wu & He, 2018) written out, so that torch.compile keeps its input's memory layout.
+
+ATen's `group_norm` makes a CUDA input contiguous before normalising it. Under channels_last that puts an
+NCHW copy of every normalised activation into the compiled graph: the forward writes it beside the
+channels_last one, autograd saves it, and each convolution backward copies it back (on an H100 with torch
+2.11, 76 copies and 13% of a DDPM CIFAR-10 training step; benchmarks/RESULTS.md). Here the channels are
+split into groups by a view, which exists in both layouts, and the backward is ATen's own formula
+(`native_group_norm_backward`), so the graph saves what ATen saves: the input, the mean and 1/std.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+def _per_channel(values: Tensor, channels: int, ndim: int) -> Tensor:
+    """[N, G] group values or [N, C] channel values as [N, C, 1, ...], which broadcasts against an activation
+    (ndim 2 gives [N, C])."""
+    if values.shape[1] != channels:  # each group's value for each of its channels
+        values = values.unsqueeze(-1).expand(-1, -1, channels // values.shape[1])
+    return values.reshape(values.shape[0], channels, *(1,) * (ndim - 2))
+
+
+class _GroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+        groups = x.unflatten(1, (num_groups, -1))  # [N, G, C/G, *spatial]: a view in NCHW and channels_last
+        var, mean = torch.var_mean(groups, dim=tuple(range(2, groups.ndim)), correction=0)
+        rstd = torch.rsqrt(var + eps)  # [N, G]
+        # y = scale * x + shift per (sample, channel), as ATen's CUDA kernel computes it.
+        c = x.shape[1]
+        scale = _per_channel(rstd, c, 2) * (weight if weight is not None else 1)
+        shift = -_per_channel(mean, c, 2) * scale + (bias if bias is not None else 0)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.num_groups = num_groups
+        return x * _per_channel(scale, c, x.ndim) + _per_channel(shift, c, x.ndim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, c, g = x.shape[0], x.shape[1], ctx.num_groups
+        spatial = tuple(range(2, x.ndim))
+        ds = (grad * x).sum(spatial).view(n, g, -1)  # sum over H, W of dL/dy * x, per channel
+        db = grad.sum(spatial).view(n, g, -1)  # sum over H, W of dL/dy, per channel
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            gamma = weight.view(1, g, -1) if weight is not None else torch.ones_like(db[:1])
+            ds_g, db_g = (ds * gamma).sum(-1), (db * gamma).sum(-1)  # [N, G]
+            m = math.prod(x.shape[2:]) * (c // g)  # elements per group
+            # dx = rstd * gamma * dy + c2 * x + c3, with the group means of dL/dx_hat folded into c2 and c3.
+            c2 = (db_g * mean - ds_g) * rstd ** 3 / m
+            c3 = -c2 * mean - db_g * rstd / m
+            grad_x = (grad * _per_channel((rstd.unsqueeze(-1) * gamma).flatten(1), c, x.ndim)
+                      + x * _per_channel(c2, c, x.ndim) + _per_channel(c3, c, x.ndim))
+        if ctx.needs_input_grad[2]:
+            grad_weight = ((ds - db * mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).sum(0).reshape(c)
+        if ctx.needs_input_grad[3]:
+            grad_bias = db.sum(0).reshape(c)
+        return grad_x, None, grad_weight, grad_bias, None
+
+
+def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """F.group_norm's values and gradients, with the output (and what autograd saves) in x's layout."""
+    if x.shape[1] % num_groups:
+        raise ValueError(f"group_norm: {x.shape[1]} channels do not split into {num_groups} groups")
+    return _GroupNorm.apply(x, num_groups, weight, bias, eps)

@@ -1,0 +1,74 @@
+"""The written-out GroupNorm that compiled UNets use: F.group_norm's values and gradients, in the input's layout."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_lightning.models import layers
+from ddpm_lightning.models.group_norm import group_norm
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_values_and_gradients_are_f_group_norms(channels_last, affine):
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 5, 6, dtype=torch.float64) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    weight = torch.randn(16, dtype=torch.float64, requires_grad=True) if affine else None
+    bias = torch.randn(16, dtype=torch.float64, requires_grad=True) if affine else None
+    assert torch.autograd.gradcheck(lambda *a: group_norm(*a[:1], 4, *a[1:], eps=1e-5), (x, weight, bias))
+
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    ours, reference = group_norm(x, 4, weight, bias, 1e-5), F.group_norm(x, 4, weight, bias, 1e-5)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(ours)
+    for got, want in zip(torch.autograd.grad(ours, inputs, upstream), torch.autograd.grad(reference, inputs, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_output_and_input_gradient_keep_channels_last():
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = group_norm(x, 2, torch.ones(8), torch.zeros(8))
+    (grad,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
+
+
+def test_channels_that_do_not_split_into_the_groups_are_refused():
+    with pytest.raises(ValueError, match="6 channels do not split into 4 groups"):
+        group_norm(torch.randn(1, 6, 2, 2), 4)
+
+
+def test_groupnorm32_takes_it_under_torch_compile_and_keeps_eager_on_aten(monkeypatch):
+    """Compiled: the written-out GroupNorm (ATen's would put NCHW copies into the graph). Eager: ATen's kernel.
+    Both give the same values and gradients, in float32 for a bf16 input."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return group_norm(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "group_norm", counted)
+    torch.manual_seed(0)
+    norm = layers.GroupNorm32(4, 16)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 16, 4, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    def run(fn):
+        leaf = x.clone().requires_grad_(True)
+        out = fn(leaf)
+        out.float().square().sum().backward()
+        return out, leaf.grad, norm.weight.grad.clone()
+
+    eager = run(norm)
+    assert calls == []
+    norm.zero_grad()
+    torch._dynamo.reset()
+    compiled = run(torch.compile(norm, backend="aot_eager", fullgraph=True))
+    assert calls, "torch.compile did not take the written-out GroupNorm"
+    assert compiled[0].dtype == torch.bfloat16
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
