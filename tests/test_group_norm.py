@@ -41,9 +41,11 @@ def test_channels_that_do_not_split_into_the_groups_are_refused():
         group_norm(torch.randn(1, 6, 2, 2), 4)
 
 
-def test_groupnorm32_takes_it_under_torch_compile_and_keeps_eager_on_aten(monkeypatch):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_groupnorm32_takes_it_under_torch_compile_and_keeps_eager_on_aten(monkeypatch, backend):
     """Compiled: the written-out GroupNorm (ATen's would put NCHW copies into the graph). Eager: ATen's kernel.
-    Both give the same values and gradients, in float32 for a bf16 input."""
+    Both give the same values and gradients, in float32 for a bf16 input; inductor's kernels (CPU ones here)
+    compute what autograd's graph of it computes."""
     calls = []
 
     def counted(*args, **kwargs):
@@ -67,7 +69,7 @@ def test_groupnorm32_takes_it_under_torch_compile_and_keeps_eager_on_aten(monkey
     assert calls == []
     norm.zero_grad()
     torch._dynamo.reset()
-    compiled = run(torch.compile(norm, backend="aot_eager", fullgraph=True))
+    compiled = run(torch.compile(norm, backend=backend, fullgraph=True))
     assert calls, "torch.compile did not take the written-out GroupNorm"
     assert compiled[0].dtype == torch.bfloat16
     for got, want in zip(compiled, eager):
