@@ -5,8 +5,11 @@ Reads the wrappers that `--inductor_code` saves on a GPU (train_throughput.py, s
 that `--offline` generates here without one (offline_cuda_codegen.py), and prints, per graph:
 - Triton kernel launches and the bytes they move (inductor's own count per kernel, from its metadata),
   split into GroupNorm statistics (reductions), GroupNorm applications, other elementwise work, and
-  launches under 2 MB; and the time those bytes take at `--bandwidth` (a lower bound: the kernels are
-  memory-bound);
+  launches under 2 MB (by the ops a kernel's name lists, so the backward of GroupNorm32's compiled formula
+  counts as other work); and the time those bytes take at `--bandwidth` (a lower bound: the kernels are
+  memory-bound). Code saved on a GPU has the bytes only with TORCHINDUCTOR_BENCHMARK_KERNEL=1;
+- the layouts of the image buffers (4-D, leading with the batch), where NCHW ones in a channels_last graph
+  are layout conversions;
 - the extern kernels (cuDNN convolutions, cuBLAS matmuls, attention), which do the FLOPs;
 - for each convolution backward, the layouts of its gradient, input and weight. ATen copies a gradient
   that does not match the layout it hands cuDNN (channels_last when the input or the weight is): once if

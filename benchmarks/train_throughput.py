@@ -64,9 +64,6 @@ VARIANTS = {
     "bf16-cl-compile": overrides("bf16-mixed", True, True, False),
     "bf16-compile-graph": overrides("bf16-mixed", False, True, True),
     "bf16-cl-compile-graph": overrides("bf16-mixed", True, True, True),
-    # An experiment: compiled autograd traces AccumulateGrad too, so inductor may write each weight gradient in
-    # its parameter's layout instead of leaving a strided copy per weight (see RESULTS.md's profile).
-    "bf16-cl-compile-graph+ca": overrides("bf16-mixed", True, True, True),
     # An experiment: inductor's combo kernels launch independent small kernels (weight casts, bias gradients)
     # as one; offline (inductor_report.py) they cut the step's Triton launches from 943 to 604.
     "bf16-cl-compile-graph+combo": overrides("bf16-mixed", True, True, True),
@@ -154,8 +151,7 @@ class StepTimer(L.Callback):
 
 
 def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root: str, profile_steps: int = 0,
-                profile_path: str | None = None, compiled_autograd: bool = False,
-                attribute_path: str | None = None, report_layouts: bool = False,
+                profile_path: str | None = None, attribute_path: str | None = None, report_layouts: bool = False,
                 combo_kernels: bool = False) -> dict:
     """One `ddpm fit` run with a StepTimer; returns images/s and the run's facts."""
     from ddpm_lightning.config_bases import expand_config_bases
@@ -178,12 +174,10 @@ def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root
     # Each variant compiles anew: dynamo would otherwise reuse an earlier variant's code (its guards do not
     # cover inductor's settings), as the first +combo run did on the GPU (it timed the default's kernels).
     torch._dynamo.reset()
-    torch._dynamo.config.compiled_autograd = compiled_autograd
     torch._inductor.config.combo_kernels = combo_kernels
     try:
         cli.trainer.fit(cli.model, cli.datamodule)
     finally:
-        torch._dynamo.config.compiled_autograd = False
         torch._inductor.config.combo_kernels = False
     batch = cli.datamodule.device_batch_size() * cli.trainer.world_size
     return {"images_per_s": batch * steps / timer.seconds, "batch": batch, "seconds": timer.seconds,
@@ -245,13 +239,12 @@ def main() -> None:
         try:
             result = run_variant(args.config, VARIANTS[name] + args.set, args.warmup, args.steps,
                                  f"{args.root}/{name}", args.profile_steps, f"{args.profile_dir}/profile-{name}.txt",
-                                 compiled_autograd=name.endswith("+ca"),
                                  combo_kernels=name.endswith("+combo"),
-                                 # Only for the plain variants: the experiments differ in settings, not kernels'
-                                 # callers, and compiled autograd would trace the probe's hooks into its graph.
+                                 # Only for the plain variants: an experiment differs in settings, not in which
+                                 # operators launch the kernels.
                                  attribute_path=f"{args.profile_dir}/attrib-{name}.txt"
                                  if args.attribute and "+" not in name else None,
-                                 report_layouts=args.attribute and not name.endswith("+ca"))
+                                 report_layouts=args.attribute)
         except Exception as err:  # one failing variant must not cost the others' numbers
             print(f"[train] {name}: FAILED {type(err).__name__}: {err}", flush=True)
             traceback.print_exc()
