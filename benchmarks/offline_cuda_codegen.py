@@ -226,7 +226,7 @@ def training_step_code(net: nn.Module, batch_size: int, channels_last: bool,
     def loss(params, x, t, noise):
         with _CudaOnCpu():
             out = torch.func.functional_call(net, {**dict(zip(names, params)), **buffers}, (x, t))
-        return F.mse_loss(out.float(), noise)
+        return F.mse_loss(out.float()[:, :c], noise)  # a learned-variance net also outputs its v
 
     step = aot_function(loss, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
                         partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())

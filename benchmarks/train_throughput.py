@@ -12,13 +12,17 @@ times `--steps` steps between two device synchronisations. The diffusers baselin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import traceback
-from typing import Iterable
+from typing import Callable, Iterable
+from unittest import mock
 
 import lightning as L
 import torch
+import torch._dynamo
+import torch._inductor.config
 import torch.nn.functional as F
 
 from bench_common import (InductorCode, diffusers_unet, flops_per_forward, images_per_second, mode_autocast, print_table,
@@ -64,10 +68,36 @@ VARIANTS = {
     "bf16-cl-compile": overrides("bf16-mixed", True, True, False),
     "bf16-compile-graph": overrides("bf16-mixed", False, True, True),
     "bf16-cl-compile-graph": overrides("bf16-mixed", True, True, True),
-    # An experiment: inductor's combo kernels launch independent small kernels (weight casts, bias gradients)
-    # as one; offline (inductor_report.py) they cut the step's Triton launches from 943 to 604.
-    "bf16-cl-compile-graph+combo": overrides("bf16-mixed", True, True, True),
 }
+
+
+def _aten_groupnorm():
+    """The UNet as session 5 measured it: ATen's GroupNorm under compile, gradients left in any layout."""
+    from ddpm_lightning.models import layers, unet
+
+    def aten_forward(self, x):
+        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(layers.GroupNorm32, "forward", aten_forward))
+    for module in (layers, unet):
+        stack.enter_context(mock.patch.object(module, "keep_grad_layout", lambda x: x))
+    return stack
+
+
+# Experiments on the paper configs' variant, each a context the variant trains in (name: base + suffix).
+EXPERIMENTS = {
+    # Inductor's combo kernels launch independent small kernels (weight casts, bias gradients) as one;
+    # offline (inductor_report.py) they cut the step's Triton launches from 943 to 604.
+    "+combo": lambda: torch._inductor.config.patch(combo_kernels=True),
+    # Inductor inlines a computation that reads up to this many buffers into each of its users instead of
+    # writing it out (default 4). Offline, 6 cuts the backward's Triton bytes by a third: GroupNorm's
+    # gradient no longer goes through an fp32 buffer.
+    "+reads6": lambda: torch._inductor.config.patch(realize_reads_threshold=6),
+    # The A/B for the GroupNorm and gradient-layout changes made after session 5.
+    "+aten-gn": _aten_groupnorm,
+}
+VARIANTS.update({f"bf16-cl-compile-graph{suffix}": VARIANTS["bf16-cl-compile-graph"] for suffix in EXPERIMENTS})
 DIFFUSERS_MODES = ("bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
 
 
@@ -152,7 +182,7 @@ class StepTimer(L.Callback):
 
 def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root: str, profile_steps: int = 0,
                 profile_path: str | None = None, attribute_path: str | None = None, report_layouts: bool = False,
-                combo_kernels: bool = False) -> dict:
+                experiment: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict:
     """One `ddpm fit` run with a StepTimer; returns images/s and the run's facts."""
     from ddpm_lightning.config_bases import expand_config_bases
     from ddpm_lightning.lightning_cli import DDPMCLI
@@ -168,17 +198,11 @@ def run_variant(config: str, overrides: list[str], warmup: int, steps: int, root
     timer = StepTimer(warmup, steps, profile_steps, profile_path, attribute_path, report_layouts)
     cli.trainer.callbacks.append(timer)
     start = time.perf_counter()
-    import torch._dynamo
-    import torch._inductor.config
-
     # Each variant compiles anew: dynamo would otherwise reuse an earlier variant's code (its guards do not
     # cover inductor's settings), as the first +combo run did on the GPU (it timed the default's kernels).
     torch._dynamo.reset()
-    torch._inductor.config.combo_kernels = combo_kernels
-    try:
+    with experiment():
         cli.trainer.fit(cli.model, cli.datamodule)
-    finally:
-        torch._inductor.config.combo_kernels = False
     batch = cli.datamodule.device_batch_size() * cli.trainer.world_size
     return {"images_per_s": batch * steps / timer.seconds, "batch": batch, "seconds": timer.seconds,
             "wall_s": time.perf_counter() - start, "net": cli.model.hparams.net, "image_size": cli.model.hparams.image_size,
@@ -239,7 +263,8 @@ def main() -> None:
         try:
             result = run_variant(args.config, VARIANTS[name] + args.set, args.warmup, args.steps,
                                  f"{args.root}/{name}", args.profile_steps, f"{args.profile_dir}/profile-{name}.txt",
-                                 combo_kernels=name.endswith("+combo"),
+                                 experiment=next((make for suffix, make in EXPERIMENTS.items()
+                                                  if name.endswith(suffix)), contextlib.nullcontext),
                                  # Only for the plain variants: an experiment differs in settings, not in which
                                  # operators launch the kernels.
                                  attribute_path=f"{args.profile_dir}/attrib-{name}.txt"

@@ -30,8 +30,9 @@ class _GroupNorm(torch.autograd.Function):
     def forward(ctx, x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
         groups = x.unflatten(1, (num_groups, -1))  # [N, G, C/G, *spatial]: a view in NCHW and channels_last
         var, mean = torch.var_mean(groups, dim=tuple(range(2, groups.ndim)), correction=0)
-        rstd = torch.rsqrt(var + eps)  # [N, G]
-        # y = scale * x + shift per (sample, channel), as ATen's CUDA kernel computes it.
+        rstd = torch.rsqrt(var + eps)  # [N, G]: 1/sigma of Wu & He's eq. 2 (biased variance)
+        # Eqs. 1 and 3, y = gamma * (x - mu) / sigma + beta, as one scale and shift per (sample, channel), the
+        # way ATen's CUDA kernel computes it.
         c = x.shape[1]
         scale = _per_channel(rstd, c, 2) * (weight if weight is not None else 1)
         shift = -_per_channel(mean, c, 2) * scale + (bias if bias is not None else 0)

@@ -6,10 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .grad_layout import keep_grad_layout
 from .group_norm import group_norm
 
 DOWNSAMPLE_PADDINGS = ("symmetric", "asymmetric")
 RESAMPLE_MODES = ("none", "up", "down")
+
+
+def upsample_nearest(x: Tensor) -> Tensor:
+    """Nearest-neighbour x2 upsampling (Ho et al., 2020), whose compiled backward keeps x's layout."""
+    return F.interpolate(keep_grad_layout(x), scale_factor=2.0, mode="nearest")
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -75,7 +81,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample_nearest(x))
 
 
 class ResBlock(EmbedBlock):
@@ -112,7 +118,7 @@ class ResBlock(EmbedBlock):
         if self.resample == "down":
             return F.avg_pool2d(x, kernel_size=2)
         if self.resample == "up":
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+            return upsample_nearest(x)
         return x
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionBlock
 from .embedding import timestep_embedding
+from .grad_layout import keep_grad_layout
 from .layers import DOWNSAMPLE_PADDINGS, Downsample, EmbedSequential, GroupNorm32, ResBlock, Upsample, zero_module
 
 
@@ -183,5 +184,6 @@ class UNet(nn.Module):
             skips.append(h)
         h = self._run(self.mid_block, h, emb)
         for block in self.up_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
+            # Each input's gradient is a channel slice of the concatenation's; cuDNN would copy it.
+            h = self._run(block, torch.cat([keep_grad_layout(h), keep_grad_layout(skips.pop())], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
