@@ -48,11 +48,12 @@ def test_the_experiments_switch_their_setting_on_for_the_variant_only(monkeypatc
 
     from ddpm_lightning.models import grad_layout, layers, unet
 
+    before = (inductor_config.realize_reads_threshold, inductor_config.combo_kernels)
     with EXPERIMENTS["+reads6"]():
         assert inductor_config.realize_reads_threshold == 6
     with EXPERIMENTS["+combo"]():
         assert inductor_config.combo_kernels
-    assert inductor_config.realize_reads_threshold == 4 and not inductor_config.combo_kernels
+    assert (inductor_config.realize_reads_threshold, inductor_config.combo_kernels) == before
 
     calls = []
     monkeypatch.setattr(layers, "group_norm", lambda x, *a, **k: calls.append(1) or x)
