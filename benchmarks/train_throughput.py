@@ -72,7 +72,8 @@ VARIANTS = {
 
 
 def _aten_groupnorm():
-    """The UNet as session 5 measured it: ATen's GroupNorm under compile, gradients left in any layout."""
+    """The UNet as session 5 measured it: ATen's GroupNorm and upsampling under compile, gradients left in any
+    layout."""
     from ddpm_lightning.models import layers, unet
 
     def aten_forward(self, x):
@@ -80,6 +81,8 @@ def _aten_groupnorm():
 
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(layers.GroupNorm32, "forward", aten_forward))
+    stack.enter_context(mock.patch.object(layers, "upsample_nearest",
+                                          lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest")))
     for module in (layers, unet):
         stack.enter_context(mock.patch.object(module, "keep_grad_layout", lambda x: x))
     return stack
@@ -94,7 +97,7 @@ EXPERIMENTS = {
     # writing it out (default 4). Offline, 6 cuts the backward's Triton bytes by a third: GroupNorm's
     # gradient no longer goes through an fp32 buffer.
     "+reads6": lambda: torch._inductor.config.patch(realize_reads_threshold=6),
-    # The A/B for the GroupNorm and gradient-layout changes made after session 5.
+    # The A/B for the GroupNorm, gradient-layout and upsampling changes made after session 5.
     "+aten-gn": _aten_groupnorm,
 }
 VARIANTS.update({f"bf16-cl-compile-graph{suffix}": VARIANTS["bf16-cl-compile-graph"] for suffix in EXPERIMENTS})

@@ -41,13 +41,14 @@ def test_train_throughput_through_ddpm_fit(tmp_path):
 
 def test_the_experiments_switch_their_setting_on_for_the_variant_only(monkeypatch):
     """+reads6 and +combo set inductor's options; +aten-gn brings back the UNet session 5 measured (ATen's
-    GroupNorm under compile, gradients in any layout), so one run can time the changes since."""
+    GroupNorm and upsampling under compile, gradients in any layout), so one run can time the changes since."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch._inductor.config as inductor_config
     from train_throughput import EXPERIMENTS
 
     from ddpm_lightning.models import grad_layout, layers, unet
 
+    upsample_nearest = layers.upsample_nearest
     before = (inductor_config.realize_reads_threshold, inductor_config.combo_kernels)
     with EXPERIMENTS["+reads6"]():
         assert inductor_config.realize_reads_threshold == 6
@@ -60,10 +61,12 @@ def test_the_experiments_switch_their_setting_on_for_the_variant_only(monkeypatc
     norm, x = layers.GroupNorm32(2, 8), torch.randn(2, 8, 4, 4)
     with EXPERIMENTS["+aten-gn"]():
         assert unet.keep_grad_layout(x) is x and layers.keep_grad_layout is not grad_layout.keep_grad_layout
+        assert layers.upsample_nearest is not upsample_nearest
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(norm, backend="aot_eager")(x), norm(x))
         assert calls == []
     assert unet.keep_grad_layout is grad_layout.keep_grad_layout and layers.keep_grad_layout is grad_layout.keep_grad_layout
+    assert layers.upsample_nearest is upsample_nearest
     torch._dynamo.reset()
     torch.compile(norm, backend="aot_eager")(x)
     assert calls
@@ -212,7 +215,8 @@ def test_offline_cuda_codegen_lowers_the_unet_for_an_h100_without_a_gpu(kind):
     with known layouts, the Triton kernels move bytes, and (training) no weight gets its gradient in
     another layout, and the forward writes no NCHW activation under channels_last (with ATen's GroupNorm it
     wrote an NCHW copy of each normalised one, which the backward's convolutions then copied back), and no
-    convolution backward gets a gradient cuDNN must copy (the skip concatenation's slices did)."""
+    convolution backward gets a gradient cuDNN must copy (the skip concatenation's slices did), and nearest
+    upsampling's backward sums blocks instead of scattering with atomics."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from inductor_report import analyse_wrapper, split_graphs
     from offline_cuda_codegen import sampling_forward_code, training_step_code
@@ -239,3 +243,4 @@ def test_offline_cuda_codegen_lowers_the_unet_for_an_h100_without_a_gpu(kind):
         assert not any("unknown" in key for key in reports[1].conv_backward)
         assert all(grad in ("CL", "either") and inp in ("CL", "either")
                    for grad, inp, _ in reports[1].conv_backward), reports[1].conv_backward
+        assert "tl.atomic_add(" not in "\n".join(codes)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_lightning.models import PRESETS, build_unet
+from ddpm_lightning.models import PRESETS, build_unet, layers
 from ddpm_lightning.models.attention import AttentionBlock
 from ddpm_lightning.models.embedding import timestep_embedding
 from ddpm_lightning.models.layers import Downsample, ResBlock
@@ -151,6 +151,37 @@ def test_downsample_padding_conventions():
     for padding, pad in (("symmetric", (1, 1, 1, 1)), ("asymmetric", (0, 1, 0, 1))):
         down = _randomize(Downsample(32, padding))
         torch.testing.assert_close(down(x), F.conv2d(F.pad(x, pad), down.conv.weight, down.conv.bias, stride=2))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_nearest_upsampling_is_f_interpolate_with_a_block_sum_backward(monkeypatch, channels_last):
+    """Under torch.compile, with a backward to come, the 2x2 broadcast (whose backward inductor lowers to a sum
+    per block, not a scatter-add) gives F.interpolate's output and layouts exactly, and its gradient; eager
+    and gradient-free code call F.interpolate."""
+    calls = []
+    interpolate = F.interpolate
+    monkeypatch.setattr(layers.F, "interpolate", lambda *a, **k: calls.append(1) or interpolate(*a, **k))
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    weights = torch.randn(2, 3, 8, 10, dtype=torch.float64)
+
+    def run(fn):
+        leaf = x.clone().requires_grad_(True)
+        out = fn(leaf)
+        (out * weights).sum().backward()
+        return out, leaf.grad
+
+    want = run(lambda t: interpolate(t, scale_factor=2.0, mode="nearest"))
+    assert run(layers.upsample_nearest)[0].stride() == want[0].stride() and calls == [1]
+    torch._dynamo.reset()
+    got = run(torch.compile(layers.upsample_nearest, backend="aot_eager", fullgraph=True))
+    assert calls == [1], "the compiled upsampling should not call F.interpolate"
+    assert got[0].stride() == want[0].stride() and got[1].stride() == x.stride()
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1])  # float64; the four terms are summed in another order
+    with torch.no_grad():  # no backward to shape: F.interpolate's gather, which fuses better when sampling
+        torch.testing.assert_close(torch.compile(layers.upsample_nearest, backend="aot_eager")(x), want[0])
+    assert len(calls) > 1
 
 
 def test_resblock_updown_replaces_resampling_convs():
