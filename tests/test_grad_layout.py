@@ -28,7 +28,7 @@ def test_a_concatenations_gradient_comes_back_dense_in_the_inputs_layout():
 
 
 def test_an_nchw_gradient_comes_back_channels_last():
-    """As nearest upsampling's compiled backward writes it (torch 2.11, benchmarks/RESULTS.md)."""
+    """As F.interpolate's compiled nearest-upsampling backward writes it (torch 2.11, benchmarks/RESULTS.md)."""
     leaf = torch.randn(2, 4, 3, 3).contiguous(memory_format=CL).requires_grad_(True)
     to_nchw = lambda h: h.contiguous() * 1.0  # noqa: E731  (its backward hands h an NCHW gradient)
     assert _grad_of(leaf * 1.0, to_nchw, keep=False).is_contiguous()
