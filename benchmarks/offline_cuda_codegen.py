@@ -101,6 +101,7 @@ def _offline_h100(save: Callable[[str], None]) -> Iterator[None]:
             init = module.lazy_init
             patches.append(mock.patch.object(module, "lazy_init", lambda *a, _init=init, **k: _init(
                 *map(on_cpu, a), **{key: on_cpu(v) for key, v in k.items()})))
+
     def forget_triton_probes() -> None:  # cached answers to "is there a GPU?", from before or during the patches
         for probe in (triton_utils.has_triton, getattr(triton_utils, "has_triton_package", None)):
             if hasattr(probe, "cache_clear"):
