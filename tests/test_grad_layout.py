@@ -1,8 +1,10 @@
 """keep_grad_layout: the gradients a concatenation and a layout change hand back come dense in their tensor's layout."""
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddpm_lightning.models import grad_layout
+from ddpm_lightning.models import build_unet, grad_layout
 from ddpm_lightning.models.grad_layout import keep_grad_layout, memory_format
 
 CL = torch.channels_last
@@ -48,3 +50,32 @@ def test_it_is_the_tensor_itself_outside_torch_compile_and_a_function_inside(mon
     traced(leaf).sum().backward()
     assert layouts_asked, "under torch.compile keep_grad_layout should apply its Function"
     torch.testing.assert_close(leaf.grad, torch.full_like(leaf, 2.0))
+
+
+class _ConvolutionGradients(TorchDispatchMode):
+    """Records whether each convolution backward's incoming gradient is dense channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels_last: list[tuple[tuple[int, ...], bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.channels_last.append((tuple(args[0].shape), args[0].is_contiguous(memory_format=CL)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_convolution_of_a_compiled_channels_last_unet_gets_its_gradient_channels_last():
+    """The skip concatenations' slices, the upsampling and the output all hand cuDNN a dense channels_last
+    gradient, which it would otherwise copy. The output matters for a learned-variance net, whose loss reads a
+    channel slice: the slice's backward pads its gradient with zeros in a new NCHW buffer (torch 2.11)."""
+    torch.manual_seed(0)
+    net = build_unet("tiny", image_size=8, in_channels=3, learn_sigma=True).to(memory_format=CL)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=CL)
+    loss = torch.compile(lambda x, t: F.mse_loss(net(x, t)[:, :3], x), backend="aot_eager")
+    value = loss(x, torch.tensor([3, 700]))
+    with _ConvolutionGradients() as seen:
+        value.backward()
+    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    assert len(seen.channels_last) == convolutions
+    assert [shape for shape, dense in seen.channels_last if not dense] == []

@@ -186,4 +186,6 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             # Each input's gradient is a channel slice of the concatenation's; cuDNN would copy it.
             h = self._run(block, torch.cat([keep_grad_layout(h), keep_grad_layout(skips.pop())], dim=1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        # A learned-variance loss reads a channel slice of the output; inductor (torch 2.11) writes the slice's
+        # gradient into a new NCHW buffer, which cuDNN would copy back.
+        return keep_grad_layout(self.conv_out(F.silu(self.norm_out(h))))
