@@ -173,7 +173,10 @@ def test_offline_run_logs_metrics_config_name_and_sample_grid(tmp_path, monkeypa
     try:
         main(["fit", "--config", QUICKSTART, "--config", WANDB_YAML, *TINY, f"--trainer.default_root_dir={tmp_path}"])
     finally:
-        wandb.finish()  # what the end of the `ddpm` process does: flush and close the run
+        # What the end of the `ddpm` process does (wandb's atexit hook): finish the run, then wait for the
+        # service to write it out. finish() alone can return before the .wandb file holds the run's records.
+        wandb.finish()
+        wandb.teardown()
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     run, config, history = None, {}, []
     for record in wandb_records(next(run_dir.glob("*.wandb"))):
