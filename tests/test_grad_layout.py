@@ -68,7 +68,8 @@ class _ConvolutionGradients(TorchDispatchMode):
 def test_every_convolution_of_a_compiled_channels_last_unet_gets_its_gradient_channels_last():
     """The skip concatenations' slices, the upsampling and the output all hand cuDNN a dense channels_last
     gradient, which it would otherwise copy. The output matters for a learned-variance net, whose loss reads a
-    channel slice: the slice's backward pads its gradient with zeros in a new NCHW buffer (torch 2.11)."""
+    channel slice: the slice's backward pads its gradient with zeros in a new NCHW buffer (ATen does, and so
+    does inductor's code with torch 2.11)."""
     torch.manual_seed(0)
     net = build_unet("tiny", image_size=8, in_channels=3, learn_sigma=True).to(memory_format=CL)
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=CL)
