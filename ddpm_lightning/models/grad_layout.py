@@ -2,9 +2,10 @@
 
 cuDNN's convolution backward copies a gradient that is not dense in the layout it runs in: once if it is
 dense in the other layout, twice if it is not dense at all (aten/src/ATen/native/cudnn/ConvShared.cpp).
-Two ops of the UNet hand their inputs such gradients under torch.compile: a concatenation gives each input a
-channel slice of its own gradient, and F.interpolate's nearest-upsampling backward is written NCHW (which
-layers.upsample_nearest now avoids). Inductor's offline code for an H100 (benchmarks/RESULTS.md) showed 6 such
+Three places in the UNet get such gradients under torch.compile: a concatenation gives each input a channel
+slice of its own gradient, F.interpolate's nearest-upsampling backward is written NCHW (which
+layers.upsample_nearest now avoids), and a learned-variance loss's channel slice of the output has its
+gradient written NCHW with torch 2.11. Inductor's offline code for an H100 (benchmarks/RESULTS.md) showed 6 such
 copies per DDPM CIFAR-10 training step with torch 2.11 and 26 with 2.14. Asking for the gradient in the
 tensor's layout costs at most one Triton copy, and none where inductor can write the buffer in that layout in
 the first place.
