@@ -190,12 +190,15 @@ class _CudaOnCpu(torch.overrides.TorchFunctionMode):
 
 
 def training_step_code(net: nn.Module, batch_size: int, channels_last: bool,
-                       grad_layouts: list | None = None) -> list[str]:
+                       grad_layouts: list | None = None, inductor_options: dict | None = None) -> list[str]:
     """The wrapper code of the compiled training forward and backward (train mode, bf16 autocast, MSE).
 
     `grad_layouts`, a list, receives (name, weight strides, gradient strides) for each weight whose
     gradient the backward graph returns in other strides (inductor keeps a graph output's traced
-    strides); autograd would copy each such gradient into its weight's layout every step."""
+    strides); autograd would copy each such gradient into its weight's layout every step.
+    `inductor_options` default to those `ddpm fit` compiles the training network with
+    (TRAINING_INDUCTOR_OPTIONS); {} gives inductor's own defaults."""
+    from ddpm_lightning.accel.compile import TRAINING_INDUCTOR_OPTIONS
     from functorch.compile import aot_function, make_boxed_func, min_cut_rematerialization_partition
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
@@ -238,7 +241,8 @@ def training_step_code(net: nn.Module, batch_size: int, channels_last: bool,
     retarget = lambda v: cuda if isinstance(v, torch.device) and v.type == "cpu" else (  # noqa: E731
         type(v)(retarget(a) for a in v) if isinstance(v, (list, tuple)) else v)
     codes: list[str] = []
-    with _cudnn_rules(), _offline_h100(codes.append):
+    options = TRAINING_INDUCTOR_OPTIONS if inductor_options is None else inductor_options
+    with _cudnn_rules(), _offline_h100(codes.append), torch._inductor.config.patch(options):
         for kind in ("forward", "backward"):
             graph, inputs = graphs[kind]
             for node in graph.graph.nodes:

@@ -41,7 +41,7 @@ report() { [ -s "$1/inductor-code.py" ] && python3 inductor_report.py "$1/induct
 if part train; then
   D=$OUT/train
   timeout ${TRAIN_TIMEOUT:-420} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml \
-    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+aten-gn bf16-cl-compile-graph+reads6 bf16-compile-graph} \
+    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+aten-gn bf16-cl-compile-graph+reads4 bf16-compile-graph} \
     --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-100} --profile_steps 5 \
     --profile_dir "$D" --attribute --inductor_code "$D/inductor-code.py" --json "$D/train.json" \
     --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \

@@ -71,15 +71,23 @@ VARIANTS = {
 }
 
 
+def _inductor_reads4():
+    """The training network compiled with inductor's default realize_reads_threshold (4), as before session 8."""
+    from ddpm_lightning.accel.compile import TRAINING_INDUCTOR_OPTIONS
+
+    return mock.patch.dict(TRAINING_INDUCTOR_OPTIONS, {"realize_reads_threshold": 4})
+
+
 def _aten_groupnorm():
     """The UNet as session 5 measured it: ATen's GroupNorm and upsampling under compile, gradients left in any
-    layout."""
+    layout, inductor's default realize_reads_threshold."""
     from ddpm_lightning.models import layers, unet
 
     def aten_forward(self, x):
         return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
 
     stack = contextlib.ExitStack()
+    stack.enter_context(_inductor_reads4())
     stack.enter_context(mock.patch.object(layers.GroupNorm32, "forward", aten_forward))
     stack.enter_context(mock.patch.object(layers, "upsample_nearest",
                                           lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest")))
@@ -93,11 +101,10 @@ EXPERIMENTS = {
     # Inductor's combo kernels launch independent small kernels (weight casts, bias gradients) as one;
     # offline (inductor_report.py) they cut the step's Triton launches from 943 to 604.
     "+combo": lambda: torch._inductor.config.patch(combo_kernels=True),
-    # Inductor inlines a computation that reads up to this many buffers into each of its users instead of
-    # writing it out (default 4). Offline, 6 cuts the backward's Triton bytes by a third: GroupNorm's
-    # gradient no longer goes through an fp32 buffer.
-    "+reads6": lambda: torch._inductor.config.patch(realize_reads_threshold=6),
-    # The A/B for the GroupNorm, gradient-layout and upsampling changes made after session 5.
+    # The A/B for the training compile's realize_reads_threshold of 6 (accel/compile.py; session 8, offline: a
+    # third fewer backward bytes): inductor's default 4, which writes GroupNorm's recomputed output out in fp32.
+    "+reads4": _inductor_reads4,
+    # The A/B for the GroupNorm, gradient-layout, upsampling and reads changes made after session 5.
     "+aten-gn": _aten_groupnorm,
 }
 VARIANTS.update({f"bf16-cl-compile-graph{suffix}": VARIANTS["bf16-cl-compile-graph"] for suffix in EXPERIMENTS})

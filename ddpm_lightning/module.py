@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ddpm_lightning.accel import CompiledCall, FastForward, TrainStep
-from ddpm_lightning.accel.compile import check_compile_mode
+from ddpm_lightning.accel.compile import TRAINING_INDUCTOR_OPTIONS, check_compile_mode
 from ddpm_lightning.accel.fast_forward import autocast_dtype
 from ddpm_lightning.diffusion import (
     GaussianDiffusion,
@@ -347,7 +347,7 @@ class DiffusionModule(L.LightningModule):
         # Compiled once on its device, after the EMA copies were made (they compile, if at all, for sampling).
         if self.hparams.compile and not isinstance(self.model.net, CompiledCall):
             if self.device.type == "cuda":
-                self.model.net = CompiledCall(self.net, self.hparams.compile_mode)
+                self.model.net = CompiledCall(self.net, self.hparams.compile_mode, TRAINING_INDUCTOR_OPTIONS)
             else:
                 rank_zero_warn(f"compile: applies on CUDA devices only; training on {self.device.type} runs eagerly")
 

@@ -174,6 +174,37 @@ def test_compile_falls_back_to_blocks_when_the_whole_network_fails(monkeypatch):
     assert net.calls == 2
 
 
+def test_the_training_network_compiles_with_the_training_inductor_options_and_once(monkeypatch):
+    """on_fit_start compiles the training network with TRAINING_INDUCTOR_OPTIONS, the compile mode's own
+    settings folded in (torch.compile takes a mode or options, not both); sampling it later keeps that
+    compilation, and a sampling network (an EMA copy) gets the mode alone, i.e. inductor's defaults."""
+    from ddpm_lightning.accel.compile import TRAINING_INDUCTOR_OPTIONS, compile_kwargs
+
+    compiled = []
+
+    def fake_compile(self, **kw):
+        compiled.append((self, kw))
+        self._compiled_call_impl = self._call_impl
+
+    monkeypatch.setattr(torch.nn.Module, "compile", fake_compile)
+    monkeypatch.setattr(DiffusionModule, "device", property(lambda self: torch.device("cuda")))  # a GPU's path
+    module = DiffusionModule(net="tiny", image_size=8, in_channels=1, num_timesteps=50, compile=True,
+                             compile_mode="max-autotune-no-cudagraphs")
+    module.on_fit_start()
+    assert isinstance(module.model.net, CompiledCall)
+    options = {"max_autotune": True, "coordinate_descent_tuning": True, "realize_reads_threshold": 6}
+    assert TRAINING_INDUCTOR_OPTIONS == {"realize_reads_threshold": 6}
+    assert compiled == [(module.net, {"options": options, "dynamic": False})]
+    CompiledCall(module.net, "max-autotune-no-cudagraphs")  # sampling from the training network
+    CompiledCall(module.ema.averages[0], "max-autotune-no-cudagraphs")
+    assert compiled[1:] == [(module.ema.averages[0], {"mode": "max-autotune-no-cudagraphs", "dynamic": False})]
+    # torch.compile checks the option names when it is called (the compilation itself waits for a call).
+    torch.compile(torch.nn.Identity(), **compile_kwargs("max-autotune-no-cudagraphs", TRAINING_INDUCTOR_OPTIONS))
+    torch.compile(torch.nn.Identity(), **compile_kwargs(None, TRAINING_INDUCTOR_OPTIONS))
+    with pytest.raises(RuntimeError, match="Unexpected optimization option no_such_option"):
+        torch.compile(torch.nn.Identity(), **compile_kwargs(None, {"no_such_option": 1}))
+
+
 def test_fast_forward_autocasts_and_returns_float32():
     net = torch.nn.Conv2d(1, 1, 1)
     seen = {}
