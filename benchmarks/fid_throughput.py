@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bench_common import synchronize, write_json
-from sample_throughput import VARIANT_NAMES, build_module, cudnn_autotuner, variant_options
+from sample_throughput import VARIANT_NAMES, build_module, variant_context, variant_options
 
 
 def random_inception(device: torch.device):
@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    with cudnn_autotuner(args.variant):
+    with variant_context(args.variant):
         record = time_pipeline(args, device)
     print(f"\nFID pipeline, {args.preset}, {args.variant}, batch {args.batch_size}, respacing {args.respacing}\n")
     print("| samples | seconds | of which Inception | projected for 50,000 | one-off warm-up (compile, capture) |")

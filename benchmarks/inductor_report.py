@@ -4,7 +4,8 @@ and layout conversions at cuDNN's convolution backward.
 Reads the wrappers that `--inductor_code` saves on a GPU (train_throughput.py, sample_throughput.py) or
 that `--offline` generates here without one (offline_cuda_codegen.py), and prints, per graph:
 - Triton kernel launches and the bytes they move (inductor's own count per kernel, from its metadata),
-  split into GroupNorm statistics (reductions), GroupNorm applications, other elementwise work, and
+  split into GroupNorm statistics (reductions), GroupNorm applications, GroupNorm in one pass (a reduction
+  that also writes the output, as sampling's group_norm_act compiles), other elementwise work, and
   launches under 2 MB (by the ops a kernel's name lists, so the backward of GroupNorm32's compiled formula
   counts as other work); and the time those bytes take at `--bandwidth` (a lower bound: the kernels are
   memory-bound). Code saved on a GPU has the bytes only with TORCHINDUCTOR_BENCHMARK_KERNEL=1;
@@ -86,13 +87,16 @@ def _split_args(text: str) -> list[str]:
     return args + [current.strip()]
 
 
-def _category(name: str, num_bytes: float | None) -> str:
+def _category(name: str, num_bytes: float | None, source: str = "") -> str:
     if num_bytes is not None and num_bytes < TINY_BYTES:
         return "launches under 2 MB"
     # ATen's GroupNorm names its kernels; GroupNorm32's compiled formula shows as var_mean (statistics) and
     # rsqrt (application) in the ops a kernel fuses.
     if any(op in name for op in ("group_norm", "var_mean", "rsqrt")):
-        return "GroupNorm statistics" if name.startswith(("triton_red", "triton_per")) else "GroupNorm application"
+        if not name.startswith(("triton_red", "triton_per")):
+            return "GroupNorm application"
+        # A reduction that also stores at the reduced index writes the normalised output (group_norm_act).
+        return "GroupNorm in one pass" if re.search(r"tl\.store\(.*\br0_", source) else "GroupNorm statistics"
     return "other elementwise"
 
 
@@ -102,14 +106,14 @@ def analyse_wrapper(code: str, label: str) -> GraphReport:
     kernels = {}
     for var, name, source in _KERNEL.findall(code):
         found = re.search(r"'kernel_num_gb': ([0-9.e+-]+)", source)
-        kernels[var] = (name, float(found.group(1)) * 1e9 if found else None)
+        kernels[var] = (name, float(found.group(1)) * 1e9 if found else None, source)
         report.bytes_known &= found is not None
     body = _SOURCE.sub("", code)  # each kernel's source holds a benchmark harness with its own `call`
     body = body[body.find("def call("):]
     body = "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("#"))
     for var in re.findall(r"^\s+(\w+)\.run\(", body, re.M):
-        name, num_bytes = kernels.get(var, (var, None))
-        category = _category(name, num_bytes)
+        name, num_bytes, source = kernels.get(var, (var, None, ""))
+        category = _category(name, num_bytes, source)
         report.launches[category] += 1
         report.bytes[category] += num_bytes or 0.0
     report.extern.update(re.findall(r"extern_kernels\.(\w+)\(", body))

@@ -6,7 +6,8 @@ on them) and its fast-path options, warms up one batch (compilation and graph ca
 `--num_batches` batches. Forward img/s = samples x steps / seconds. The diffusers baseline is a bare
 loop of UNet2DModel forwards on one batch under inference_mode. A variant name with the suffix `+bench`
 runs with cuDNN's autotuner on (`torch.backends.cudnn.benchmark`, which `ddpm fit` sets through the
-Trainer but the sampling commands leave at torch's default, off).
+Trainer but the sampling commands leave at torch's default, off). The suffix `+two-pass-gn` compiles
+GroupNorm as sampling did before session 9 (the A/B for `group_norm_act`).
 
     python benchmarks/sample_throughput.py --batch_size 512 --respacing 100 \\
         --variants fp32 bf16-cl-graph bf16-cl-compile-graph --diffusers bf16-cl-compile-ro
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import time
 import traceback
+from unittest import mock
 
 import torch
 
@@ -34,22 +36,31 @@ VARIANTS = {
     "bf16-cl-compile-ma-graph": dict(sample_precision="bf16-mixed", channels_last=True, compile=True,
                                      compile_mode="max-autotune-no-cudagraphs", cuda_graph=True),
 }
-VARIANT_NAMES = sorted([*VARIANTS, *(f"{name}+bench" for name in VARIANTS)])
+SUFFIXES = ("+bench", "+two-pass-gn")
+VARIANT_NAMES = sorted([*VARIANTS, *(f"{name}{suffix}" for name in VARIANTS for suffix in SUFFIXES)])
 DIFFUSERS_MODES = ("fp32", "bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
 
 
 def variant_options(name: str) -> dict:
-    """The DiffusionModule options of a variant name (a `+bench` suffix changes none of them)."""
-    return VARIANTS[name.removesuffix("+bench")]
+    """The DiffusionModule options of a variant name (its suffix changes none of them)."""
+    for suffix in SUFFIXES:
+        name = name.removesuffix(suffix)
+    return VARIANTS[name]
 
 
 @contextlib.contextmanager
-def cudnn_autotuner(name: str):
-    """cuDNN's autotuner on for a `+bench` variant, off otherwise; the previous setting afterwards."""
+def variant_context(name: str):
+    """What a variant's suffix sets while it runs: cuDNN's autotuner on for `+bench` (off otherwise), and the
+    two-pass GroupNorm for `+two-pass-gn`; the previous settings afterwards. Dynamo forgets earlier variants'
+    code first, since its guards need not cover what a suffix changes."""
+    from ddpm_lightning.models import layers
+
+    torch._dynamo.reset()
     saved = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = name.endswith("+bench")
     try:
-        yield
+        with mock.patch.object(layers.GroupNorm32, "one_kernel_sampling", not name.endswith("+two-pass-gn")):
+            yield
     finally:
         torch.backends.cudnn.benchmark = saved
 
@@ -158,7 +169,7 @@ def main() -> None:
             code.label = f"sample {name} batch {args.batch_size}"
         try:
             module = build_module(args.preset, args.image_size, args.in_channels, device, **variant_options(name))
-            with cudnn_autotuner(name):
+            with variant_context(name):
                 rate = time_variant(module, args.batch_size, args.num_batches, args.respacing)
                 # After timing, so the comparison runs on the captured graph (the batch shape is the same).
                 records[name] = {"images_per_s": rate, "rel_error": relative_error(module, reference, args.batch_size),

@@ -372,3 +372,37 @@ def test_compiled_network_matches_eager_in_values_and_gradients(dtype):
         assert (outs[1] - outs[0]).norm() / outs[0].norm() < 2e-2
         assert (grads[1] - grads[0]).norm() / grads[0].norm() < 2e-2
     assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on a CPU")
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_compiled_sampling_network_matches_eager(monkeypatch, dtype):
+    """Without autograd (sampling) the compiled UNet computes every GroupNorm with what follows it through
+    group_norm_act, still as one graph, and computes the eager function: to rounding in float32, to bf16's
+    under bf16 autocast."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from ddpm_lightning.models import build_unet, layers
+    from ddpm_lightning.models.group_norm import group_norm_act
+
+    calls = []
+    monkeypatch.setattr(layers, "group_norm_act", lambda *a, **k: calls.append(1) or group_norm_act(*a, **k))
+    torch.manual_seed(0)
+    eager = build_unet("tiny", image_size=8, in_channels=1).to(memory_format=torch.channels_last).eval()
+    with torch.no_grad():
+        eager.conv_out.weight.normal_(0, 0.05)
+    call = CompiledCall(copy.deepcopy(eager))
+    counters.clear()
+    x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([0.0, 10.0, 500.0, 999.0])
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        want, got = eager(x, t).float(), call(x, t).float()
+    assert call.whole and counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert len(calls) == sum(isinstance(m, layers.GroupNorm32) for m in eager.modules())
+    if dtype is None:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    else:
+        assert (got - want).norm() / want.norm() < 2e-2

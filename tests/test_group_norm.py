@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_lightning.models import layers
-from ddpm_lightning.models.group_norm import group_norm
+from ddpm_lightning.models.group_norm import group_norm, group_norm_act
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -74,3 +74,81 @@ def test_groupnorm32_takes_it_under_torch_compile_and_keeps_eager_on_aten(monkey
     assert compiled[0].dtype == torch.bfloat16
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def _groupnorm32_eager(x, weight, bias, scale, shift, silu):
+    """What GroupNorm32 computes eagerly: ATen's GroupNorm in float32, cast back, then scale-shift and SiLU."""
+    h = F.group_norm(x.float(), 4, weight, bias, 1e-5).to(x.dtype)
+    if scale is not None:
+        h = h * (1 + scale) + shift
+    return F.silu(h) if silu else h
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("scale_shift", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_act_computes_groupnorm32s_eager_ops(channels_last, dtype, affine, scale_shift, silu):
+    """The one-kernel form is the same function as GroupNorm32's eager ops, for either layout of x, and
+    keeps x's layout when run eagerly."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 16, 5, 6) * 3 + 1).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = (torch.randn(16), torch.randn(16)) if affine else (None, None)
+    scale, shift = (torch.randn(3, 16, 1, 1).to(dtype), torch.randn(3, 16, 1, 1).to(dtype)) if scale_shift else (None, None)
+    got = group_norm_act(x, 4, weight, bias, 1e-5, scale, shift, silu)
+    want = _groupnorm32_eager(x, weight, bias, scale, shift, silu)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # float32: rounding; bf16: the same float32 normalisation rounds to a neighbouring bf16 value at most
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_group_norm_act_refuses_what_it_cannot_group():
+    with pytest.raises(ValueError, match=r"x \(1, 6, 2, 2\) is not \[N, C, H, W\] with C divisible by 4"):
+        group_norm_act(torch.randn(1, 6, 2, 2), 4)
+    with pytest.raises(ValueError, match=r"x \(2, 8, 4\) is not \[N, C, H, W\]"):
+        group_norm_act(torch.randn(2, 8, 4), 4)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_groupnorm32_compiled_without_autograd_takes_the_one_kernel_form(monkeypatch, backend):
+    """Sampling (compiled, no autograd) a channels_last x: group_norm_act, with scale-shift and SiLU inside
+    it, and the values of the eager ops. Compiled with autograd (training), for an NCHW x, and eager,
+    GroupNorm32 does not take it."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return group_norm_act(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "group_norm_act", counted)
+    torch.manual_seed(0)
+    norm = layers.GroupNorm32(4, 16)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 16, 4, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.randn(2, 2, 16, 1, 1).to(torch.bfloat16).unbind(0)
+
+    def fn(x, scale, shift):
+        return norm(x, scale, shift, silu=True)
+
+    with torch.no_grad():
+        eager = fn(x, scale, shift)
+        assert calls == []
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend=backend, fullgraph=True)(x, scale, shift)
+    assert calls, "torch.compile without autograd did not take group_norm_act"
+    assert compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=1.6e-2, atol=1.6e-2)
+    calls.clear()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=backend, fullgraph=True)(x.contiguous(), scale, shift)
+    assert calls == []
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(x.requires_grad_(True), scale, shift).float().sum().backward()
+    assert calls == []

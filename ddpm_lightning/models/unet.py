@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -188,4 +187,4 @@ class UNet(nn.Module):
             h = self._run(block, torch.cat([keep_grad_layout(h), keep_grad_layout(skips.pop())], dim=1), emb)
         # A learned-variance loss reads a channel slice of the output; inductor (torch 2.11) writes the slice's
         # gradient into a new NCHW buffer, which cuDNN would copy back.
-        return keep_grad_layout(self.conv_out(F.silu(self.norm_out(h))))
+        return keep_grad_layout(self.conv_out(self.norm_out(h, silu=True)))
