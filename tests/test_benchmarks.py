@@ -321,10 +321,10 @@ def test_sampling_groupnorm_compiles_to_no_more_traffic_than_two_passes(monkeypa
     """Sampling's GroupNorm (group_norm_act: the norm, scale-shift and SiLU on a channels_last grouping) against
     its two-pass form (sample_throughput's +two-pass-gn): inductor's offline code for the tiny UNet moves no
     more bytes in no more launches, channels_last or NCHW (which GroupNorm32 leaves in two passes: for this
-    net in NCHW, either grouping moved more bytes). With torch 2.11's inductor,
-    which fuses a group's statistics with its output, a channels_last net's code moves fewer bytes and
-    computes more GroupNorms in one pass (the DDPM CIFAR-10 net's sampling graph 23% fewer bytes); torch
-    2.14's loop reordering turns that fusion down, and its code for the two forms is the same."""
+    net in NCHW, either grouping moved more bytes). With torch 2.11's inductor, which fuses a group's
+    statistics with its output, a channels_last net's code moves fewer bytes and computes more GroupNorms in
+    one pass (the DDPM CIFAR-10 net's sampling graph 23% fewer bytes); torch 2.14's loop reordering turns
+    that fusion down, and its code for the two forms is the same."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import inductor_report
     from offline_cuda_codegen import sampling_forward_code
