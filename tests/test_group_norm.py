@@ -41,23 +41,25 @@ def test_channels_that_do_not_split_into_the_groups_are_refused():
         group_norm(torch.randn(1, 6, 2, 2), 4)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_groupnorm32_takes_it_under_torch_compile_and_keeps_eager_on_aten(monkeypatch, backend):
-    """Compiled: the written-out GroupNorm (ATen's would put NCHW copies into the graph). Eager: ATen's kernel.
-    Both give the same values and gradients, in float32 for a bf16 input; inductor's kernels (CPU ones here)
-    compute what autograd's graph of it computes."""
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return group_norm(*args, **kwargs)
-
-    monkeypatch.setattr(layers, "group_norm", counted)
+def _spied_groupnorm32(monkeypatch, name):
+    """A GroupNorm32 with random affine weights, a bf16 channels_last input, and the list of calls it makes to
+    `layers.<name>` (one entry per call)."""
+    calls, real = [], getattr(layers, name)
+    monkeypatch.setattr(layers, name, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     torch.manual_seed(0)
     norm = layers.GroupNorm32(4, 16)
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
     x = torch.randn(2, 16, 4, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    return calls, norm, x
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_groupnorm32_takes_it_under_torch_compile_and_keeps_eager_on_aten(monkeypatch, backend):
+    """Compiled: the written-out GroupNorm (ATen's would put NCHW copies into the graph). Eager: ATen's kernel.
+    Both give the same values and gradients, in float32 for a bf16 input; inductor's kernels (CPU ones here)
+    compute what autograd's graph of it computes."""
+    calls, norm, x = _spied_groupnorm32(monkeypatch, "group_norm")
 
     def run(fn):
         leaf = x.clone().requires_grad_(True)
@@ -119,18 +121,7 @@ def test_groupnorm32_compiled_without_autograd_takes_the_one_kernel_form(monkeyp
     """Sampling (compiled, no autograd) a channels_last x: group_norm_act, with scale-shift and SiLU inside
     it, and the values of the eager ops. Compiled with autograd (training), for an NCHW x, and eager,
     GroupNorm32 does not take it."""
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return group_norm_act(*args, **kwargs)
-
-    monkeypatch.setattr(layers, "group_norm_act", counted)
-    torch.manual_seed(0)
-    norm = layers.GroupNorm32(4, 16)
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
-    x = torch.randn(2, 16, 4, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    calls, norm, x = _spied_groupnorm32(monkeypatch, "group_norm_act")
     scale, shift = torch.randn(2, 2, 16, 1, 1).to(torch.bfloat16).unbind(0)
 
     def fn(x, scale, shift):
