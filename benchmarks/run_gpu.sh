@@ -4,8 +4,8 @@
 # torchmetrics installed; jsonargparse, torch-fidelity and diffusers may come as wheels in .whl/, and the
 # CIFAR-10 JPEG tarball at .data/ (both git-ignored; RESULTS.md says how to fill them).
 #
-# PARTS picks the benchmarks (default: train sample fid). On an H100 `train` takes about 7 minutes (four
-# compiled variants of about 90 s each, then the diffusers baseline) and `sample fid` about 5, most of it
+# PARTS picks the benchmarks (default: train sample fid). On an H100 `train` takes about 7 minutes (compiled
+# variants of about 90 s each; TRAIN_TIMEOUT stops it in the fifth) and `sample fid` about 5, most of it
 # compilation, so with 10 minutes a call run them as two calls, the second at once (a machine is kept warm
 # for 30 s only):
 #   PARTS=train bash benchmarks/run_gpu.sh;  PARTS="sample fid" bash benchmarks/run_gpu.sh
@@ -43,9 +43,10 @@ if part train; then
   D=$OUT/train
   # Variants in the order of what they decide, so that TRAIN_TIMEOUT cuts the least needed: the default (the
   # 5,500 img/s target), channels_last or not (the paper configs' default), the reads threshold (the training
-  # compile's options), then +aten-gn (the code session 5 measured, 4,405 img/s on an H100 then).
+  # compile's options), combo kernels (a third fewer launches offline), then +aten-gn (the code session 5
+  # measured, 4,405 img/s on an H100 then). The diffusers baseline runs after the first variant.
   timeout ${TRAIN_TIMEOUT:-420} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml \
-    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-compile-graph+reads4 bf16-cl-compile-graph+aten-gn} \
+    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-compile-graph+reads4 bf16-cl-compile-graph+combo bf16-cl-compile-graph+aten-gn} \
     --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-100} --profile_steps 5 \
     --profile_dir "$D" --attribute --inductor_code "$D/inductor-code.py" --json "$D/train.json" \
     --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \
@@ -56,9 +57,10 @@ fi
 if part sample; then
   D=$OUT/sample
   # (+bench, cuDNN's autotuner on, gained 0.004% in session 5, so it left the defaults.)
-  # +two-pass-gn: the A/B for sampling's one-kernel GroupNorm (session 9).
+  # +two-pass-gn: the A/B for sampling's one-kernel GroupNorm (session 9); +combo: inductor's combo kernels
+  # (222 launches a forward to 95 offline). Without channels_last (session 5: the same speed) comes last.
   timeout ${SAMPLE_TIMEOUT:-240} python3 sample_throughput.py \
-    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+two-pass-gn bf16-compile-graph} \
+    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+two-pass-gn bf16-cl-compile-graph+combo bf16-compile-graph} \
     --diffusers ${SAMPLE_DIFFUSERS:-bf16-cl bf16-cl-compile-ro} --batch_size 512 --respacing 100 --num_batches 2 \
     --profile_dir "$D" --inductor_code "$D/inductor-code.py" --json "$D/sample.json" 2>&1 | tee "$D/sample.log" | grep -E "$filter"
   # The target reads "batch >= 512"; a larger batch fills the small 8x8 and 4x4 levels' GEMMs better (+3% at

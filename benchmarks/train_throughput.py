@@ -3,7 +3,8 @@
 Each variant builds the experiment config's Trainer, DataModule and DiffusionModule through DDPMCLI
 (data loading, flips, EMA, logging and checkpoint callbacks included), trains `--warmup` steps, then
 times `--steps` steps between two device synchronisations. The diffusers baseline is a bare loop
-(forward, MSE, backward, AdamW) of UNet2DModel in the matching configuration, timed in the same process.
+(forward, MSE, backward, AdamW) of UNet2DModel in the matching configuration, timed in the same process
+right after the first variant, so that a run stopped at its time limit still has the ratio.
 
     python benchmarks/train_throughput.py --variants fp32 bf16-cl bf16-cl-compile-graph \\
         --diffusers bf16-cl-compile-ro --set --data.init_args.source=folder --data.init_args.data_dir=/tmp/cifar
@@ -99,7 +100,7 @@ def _aten_groupnorm():
 # Experiments on the paper configs' variant, each a context the variant trains in (name: base + suffix).
 EXPERIMENTS = {
     # Inductor's combo kernels launch independent small kernels (weight casts, bias gradients) as one;
-    # offline (inductor_report.py) they cut the step's Triton launches from 943 to 604.
+    # offline (inductor_report.py, torch 2.11, session 10) they cut the step's Triton launches from 811 to 497.
     "+combo": lambda: torch._inductor.config.patch(combo_kernels=True),
     # The A/B for the training compile's realize_reads_threshold of 6 (accel/compile.py; session 8, offline: a
     # third fewer backward bytes): inductor's default 4, which writes GroupNorm's recomputed output out in fp32.
@@ -244,6 +245,25 @@ def diffusers_baseline(preset: str, mode: str, batch: int, warmup: int, steps: i
     return images_per_second(step, batch, warmup, steps, device)
 
 
+def diffusers_baselines(modes: list[str], records: dict, args: argparse.Namespace, device: torch.device,
+                        code: InductorCode | None) -> None:
+    """Times (and empties) `modes` of the diffusers baseline at the first trained variant's net and batch."""
+    first = next(iter(records.values()))
+    while modes:
+        mode = modes.pop(0)
+        if code:
+            code.label = f"diffusers {mode}"
+        try:
+            rate = diffusers_baseline(first["net"], mode, first["batch"], args.warmup, args.steps, device)
+        except Exception as err:
+            print(f"[train] diffusers {mode}: FAILED {type(err).__name__}: {err}", flush=True)
+            continue
+        records[f"diffusers {mode}"] = {"images_per_s": rate, "batch": first["batch"]}
+        print(f"[train] diffusers {mode}: {rate:.0f} img/s", flush=True)
+        if args.json:
+            write_json(args.json, args, records)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="experiments/cifar10_ddpm.yaml")
@@ -267,7 +287,11 @@ def main() -> None:
 
     rows, records = [], {}
     code = InductorCode(args.inductor_code) if args.inductor_code else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pending = list(args.diffusers)  # timed once a variant has trained: a run cut at its time limit keeps the ratio
     for name in args.variants:
+        if records and pending:
+            diffusers_baselines(pending, records, args, device, code)
         if code:
             code.label = f"train {name}"
         try:
@@ -299,19 +323,9 @@ def main() -> None:
             torch.cuda.empty_cache()
     if not records:
         return 1
+    diffusers_baselines(pending, records, args, device, code)
     first = next(iter(records.values()))
     flops = 3 * flops_per_forward(first["net"], first["image_size"], first["in_channels"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for mode in args.diffusers:
-        if code:
-            code.label = f"diffusers {mode}"
-        try:
-            rate = diffusers_baseline(first["net"], mode, first["batch"], args.warmup, args.steps, device)
-        except Exception as err:
-            print(f"[train] diffusers {mode}: FAILED {type(err).__name__}: {err}", flush=True)
-            continue
-        records[f"diffusers {mode}"] = {"images_per_s": rate, "batch": first["batch"]}
-        print(f"[train] diffusers {mode}: {rate:.0f} img/s", flush=True)
     best_diffusers = max((r["images_per_s"] for k, r in records.items() if k.startswith("diffusers")), default=None)
     for name, record in records.items():
         record["mfu"] = record["images_per_s"] * flops / (args.peak_tflops * 1e12)

@@ -34,6 +34,9 @@ def test_train_throughput_through_ddpm_fit(tmp_path):
     assert all(r["images_per_s"] > 0 for r in results.values())
     assert results["fp32"]["batch"] == 8 and record["flops_per_train_image"] > 0
     assert "| fp32 |" in stdout and "vs best diffusers" in stdout
+    # The baseline right after the first variant: a run stopped at its time limit keeps the ratio.
+    order = [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[train]") and "img/s" in line]
+    assert order == ["[train] fp32", "[train] diffusers bf16-cl", "[train] bf16-cl-graph"]
     # --attribute: steps 1-2 by launching operator, and the weights whose gradients arrive in another layout
     assert "AccumulateGrad" in (tmp_path / "attrib-bf16-cl-graph.txt").read_text()
     assert results["bf16-cl-graph"]["grad_layout_mismatches"] == []
@@ -108,8 +111,10 @@ def test_the_layout_report_names_a_weight_whose_gradient_arrives_in_another_layo
 
 def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monkeypatch):
     """+bench turns cuDNN's autotuner on; +two-pass-gn compiles sampling's GroupNorm in the form before
-    group_norm_act (statistics, then output), so one run can time the two."""
+    group_norm_act (statistics, then output), so one run can time the two; +combo turns on inductor's combo
+    kernels."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch._inductor.config as inductor_config
     from sample_throughput import variant_context, variant_options
 
     from ddpm_lightning.models import layers
@@ -126,14 +131,18 @@ def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monke
             torch.compile(norm, backend="aot_eager")(x)
             assert calls == []
         with variant_context("bf16-cl-compile-graph+bench"):
-            assert torch.backends.cudnn.benchmark
+            assert torch.backends.cudnn.benchmark and not inductor_config.combo_kernels
             torch.compile(norm, backend="aot_eager")(x)
             assert calls == [1]
+        with variant_context("bf16-cl-compile-graph+combo"):
+            assert inductor_config.combo_kernels and not torch.backends.cudnn.benchmark
+            assert layers.GroupNorm32.one_kernel_sampling
     assert torch.backends.cudnn.benchmark == benchmark and layers.GroupNorm32.one_kernel_sampling
+    assert not inductor_config.combo_kernels
 
 
 def test_sample_throughput_compares_each_fast_path_with_fp32(tmp_path):
-    record, _ = run("sample_throughput.py", tmp_path, "--preset", "tiny", "--image_size", "8", "--in_channels", "1",
+    record, stdout = run("sample_throughput.py", tmp_path, "--preset", "tiny", "--image_size", "8", "--in_channels", "1",
                     "--batch_size", "4", "--respacing", "3", "--num_batches", "1", "--variants", "fp32", "bf16-cl-graph",
                     "fp32+bench", "fp32+two-pass-gn", "--diffusers", "bf16-cl", "--profile_dir", str(tmp_path))
     results = record["results"]
@@ -145,6 +154,8 @@ def test_sample_throughput_compares_each_fast_path_with_fp32(tmp_path):
     assert results["fp32+two-pass-gn"]["rel_error"] == 0.0  # eager, as on every CPU: the same ops
     assert 0 < results["bf16-cl-graph"]["rel_error"] < 3e-2  # bf16 rounding, not a different function
     assert results["diffusers bf16-cl"]["images_per_s"] > 0
+    order = [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[sample]")]
+    assert order[:3] == ["[sample] fp32", "[sample] diffusers bf16-cl", "[sample] bf16-cl-graph"]
 
 
 def test_fid_throughput_projects_50k(tmp_path):
