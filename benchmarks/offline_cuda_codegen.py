@@ -130,15 +130,21 @@ def _fake_like(mode, tensor: torch.Tensor, device: str) -> torch.Tensor:
         return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
 
 
-def sampling_forward_code(net: nn.Module, batch_size: int, channels_last: bool) -> list[str]:
-    """The wrapper code of the compiled sampling forward (eval mode, bf16 autocast, no autograd)."""
+def sampling_forward_code(net: nn.Module, batch_size: int, channels_last: bool, held_weights: bool = True) -> list[str]:
+    """The wrapper code of the compiled sampling forward (eval mode, bf16 autocast, no autograd), of the network
+    FastForward runs: with its convolution and linear weights held in bf16 (accel/held_weights.py), or, with
+    `held_weights=False`, cast by autocast at each call."""
     from torch._inductor.compile_fx import compile_fx
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    from ddpm_lightning.accel.held_weights import HeldWeights
+
     net = net.eval()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
+    if held_weights:
+        net = HeldWeights(net, torch.bfloat16).net
     names = [n for n, _ in net.named_parameters()] + [n for n, _ in net.named_buffers()]
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     state = [_fake_like(mode, t.detach(), "cuda") for t in (*net.parameters(), *net.buffers())]

@@ -57,10 +57,11 @@ fi
 if part sample; then
   D=$OUT/sample
   # (+bench, cuDNN's autotuner on, gained 0.004% in session 5, so it left the defaults.)
-  # +two-pass-gn: the A/B for sampling's one-kernel GroupNorm (session 9); +combo: inductor's combo kernels
-  # (222 launches a forward to 95 offline). Without channels_last (session 5: the same speed) comes last.
+  # +two-pass-gn: the A/B for sampling's one-kernel GroupNorm (session 9); +autocast-weights: for the weights
+  # held in bf16 (session 10: 222 Triton launches a forward to 84 offline); +combo: inductor's combo kernels.
+  # Without channels_last (session 5: the same speed) comes last, where SAMPLE_TIMEOUT may cut it.
   timeout ${SAMPLE_TIMEOUT:-240} python3 sample_throughput.py \
-    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+two-pass-gn bf16-cl-compile-graph+combo bf16-compile-graph} \
+    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+two-pass-gn bf16-cl-compile-graph+autocast-weights bf16-cl-compile-graph+combo bf16-compile-graph} \
     --diffusers ${SAMPLE_DIFFUSERS:-bf16-cl bf16-cl-compile-ro} --batch_size 512 --respacing 100 --num_batches 2 \
     --profile_dir "$D" --inductor_code "$D/inductor-code.py" --json "$D/sample.json" 2>&1 | tee "$D/sample.log" | grep -E "$filter"
   # The target reads "batch >= 512"; a larger batch fills the small 8x8 and 4x4 levels' GEMMs better (+3% at

@@ -7,8 +7,9 @@ on them) and its fast-path options, warms up one batch (compilation and graph ca
 loop of UNet2DModel forwards on one batch under inference_mode. A variant name with the suffix `+bench`
 runs with cuDNN's autotuner on (`torch.backends.cudnn.benchmark`, which `ddpm fit` sets through the
 Trainer but the sampling commands leave at torch's default, off). The suffix `+two-pass-gn` compiles
-GroupNorm as sampling did before session 9 (the A/B for `group_norm_act`), and `+combo` with inductor's
-combo kernels. The diffusers baselines run right after the first variant, so that a run stopped at its
+GroupNorm as sampling did before session 9 (the A/B for `group_norm_act`), `+combo` with inductor's
+combo kernels, and `+autocast-weights` with the weights cast by autocast at every call, as before session 10
+(the A/B for `accel/held_weights.py`). The diffusers baselines run right after the first variant, so that a run stopped at its
 time limit still has the ratio.
 
     python benchmarks/sample_throughput.py --batch_size 512 --respacing 100 \\
@@ -38,7 +39,7 @@ VARIANTS = {
     "bf16-cl-compile-ma-graph": dict(sample_precision="bf16-mixed", channels_last=True, compile=True,
                                      compile_mode="max-autotune-no-cudagraphs", cuda_graph=True),
 }
-SUFFIXES = ("+bench", "+two-pass-gn", "+combo")
+SUFFIXES = ("+bench", "+two-pass-gn", "+combo", "+autocast-weights")
 VARIANT_NAMES = sorted([*VARIANTS, *(f"{name}{suffix}" for name in VARIANTS for suffix in SUFFIXES)])
 DIFFUSERS_MODES = ("fp32", "bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
 
@@ -53,11 +54,12 @@ def variant_options(name: str) -> dict:
 @contextlib.contextmanager
 def variant_context(name: str):
     """What a variant's suffix sets while it runs: cuDNN's autotuner on for `+bench` (off otherwise), the
-    two-pass GroupNorm for `+two-pass-gn`, and inductor's combo kernels for `+combo` (they launch the 98 weight
-    casts of a DDPM CIFAR-10 forward, 44% of its Triton launches, as a few); the previous settings afterwards.
-    Dynamo forgets earlier variants' code first, since its guards need not cover what a suffix changes."""
+    two-pass GroupNorm for `+two-pass-gn`, inductor's combo kernels for `+combo`, and the weights cast at each
+    call for `+autocast-weights`; the previous settings afterwards. Dynamo forgets earlier variants' code first,
+    since its guards need not cover what a suffix changes."""
     import torch._inductor.config as inductor_config
 
+    from ddpm_lightning.accel import FastForward
     from ddpm_lightning.models import layers
 
     torch._dynamo.reset()
@@ -65,6 +67,7 @@ def variant_context(name: str):
     torch.backends.cudnn.benchmark = name.endswith("+bench")
     try:
         with mock.patch.object(layers.GroupNorm32, "one_kernel_sampling", not name.endswith("+two-pass-gn")), \
+                mock.patch.object(FastForward, "hold_weights", not name.endswith("+autocast-weights")), \
                 inductor_config.patch(combo_kernels=name.endswith("+combo") or inductor_config.combo_kernels):
             yield
     finally:

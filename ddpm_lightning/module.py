@@ -163,10 +163,13 @@ class DiffusionModule(L.LightningModule):
         hp = self.hparams
         if not (hp.compile or hp.cuda_graph or hp.sample_precision != "32"):
             return net
-        if id(net) not in self._fast_nets:
-            self._fast_nets[id(net)] = FastForward(net, hp.sample_precision, hp.compile, hp.compile_mode,
-                                                   hp.cuda_graph)
-        return self._fast_nets[id(net)]
+        fast = self._fast_nets.get(id(net))
+        if fast is None:
+            fast = self._fast_nets[id(net)] = FastForward(net, hp.sample_precision, hp.compile, hp.compile_mode,
+                                                          hp.cuda_graph)
+        else:
+            fast.sync_weights()  # the weights may have trained (or averaged) on since the last sampling run
+        return fast
 
     def set_sampling_options(self, precision: Optional[str] = None, compile: Optional[bool] = None,
                              cuda_graph: Optional[bool] = None) -> None:

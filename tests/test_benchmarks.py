@@ -112,12 +112,13 @@ def test_the_layout_report_names_a_weight_whose_gradient_arrives_in_another_layo
 def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monkeypatch):
     """+bench turns cuDNN's autotuner on; +two-pass-gn compiles sampling's GroupNorm in the form before
     group_norm_act (statistics, then output), so one run can time the two; +combo turns on inductor's combo
-    kernels."""
+    kernels; +autocast-weights leaves a UNet's weights to autocast's casts at every call."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch._inductor.config as inductor_config
     from sample_throughput import variant_context, variant_options
 
-    from ddpm_lightning.models import layers
+    from ddpm_lightning.accel import FastForward
+    from ddpm_lightning.models import build_unet, layers
 
     calls = []
     monkeypatch.setattr(layers, "group_norm_act", lambda *a, **k: calls.append(1) or a[0])
@@ -136,9 +137,12 @@ def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monke
             assert calls == [1]
         with variant_context("bf16-cl-compile-graph+combo"):
             assert inductor_config.combo_kernels and not torch.backends.cudnn.benchmark
-            assert layers.GroupNorm32.one_kernel_sampling
+            assert layers.GroupNorm32.one_kernel_sampling and FastForward.hold_weights
+        with variant_context("bf16-cl-compile-graph+autocast-weights"):
+            assert not FastForward.hold_weights and not inductor_config.combo_kernels
+            assert FastForward(build_unet("tiny", image_size=8, in_channels=1), "bf16-mixed").held is None
     assert torch.backends.cudnn.benchmark == benchmark and layers.GroupNorm32.one_kernel_sampling
-    assert not inductor_config.combo_kernels
+    assert not inductor_config.combo_kernels and FastForward.hold_weights
 
 
 def test_sample_throughput_compares_each_fast_path_with_fp32(tmp_path):

@@ -1,0 +1,56 @@
+"""A sampling network's convolution and linear weights held in the autocast dtype.
+
+Under autocast every call casts each convolution and linear layer's weight and bias to the autocast dtype
+anew, and sampling calls the same weights 100 to 1,000 times per image. In the compiled DDPM CIFAR-10
+sampling forward (batch 512, bf16, channels_last; inductor's code for an H100, torch 2.11, offline) those
+casts are 138 of the 222 Triton launches and 0.22 of the 13.68 GB moved (benchmarks/RESULTS.md). A copy of
+the network whose layers already hold the cast weights computes the same values without them: autocast's
+cast of a weight already in its dtype is the weight itself, and the cast is the same rounding either way.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+# The layers whose parameters autocast casts (torch.amp's lower-precision ops: convolutions, linear layers).
+HELD_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class HeldWeights:
+    """`self.net`: a copy of `net` whose convolution and linear layers hold their parameters in `dtype`.
+
+    Everything else is `net`'s own, shared rather than copied (the GroupNorms' float32 weights, buffers), so
+    only the held parameters can fall behind `net`'s: `sync()` copies their current values in, in place, so
+    that CUDA graphs captured on the copy stay valid. The copy follows `net`'s device at each sync.
+    """
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        sources = [m for m in net.modules() if isinstance(m, HELD_LAYERS)]
+        held = {id(p) for m in sources for p in m.parameters(recurse=False)}
+        memo: dict = {id(t): t for t in (*net.parameters(), *net.buffers()) if id(t) not in held}
+        compiled = getattr(net, "_compiled_call_impl", None)
+        if compiled is not None:  # compiled in place (the training network): the copy compiles on its own
+            memo[id(compiled)] = None
+        self.net = copy.deepcopy(net, memo)
+        self.layers = [m for m in self.net.modules() if isinstance(m, HELD_LAYERS)]
+        self.pairs: list[tuple[nn.Module, str, torch.Tensor]] = []  # (net's layer, parameter name, held copy)
+        for source, layer in zip(sources, self.layers):
+            layer.to(dtype)
+            for name, param in layer.named_parameters(recurse=False):
+                param.requires_grad_(False)
+                self.pairs.append((source, name, param))
+        self.sync()
+
+    def sync(self) -> None:
+        """Copies `net`'s current convolution and linear parameters into the held ones (cast), in place."""
+        if not self.pairs:
+            return
+        sources = [getattr(layer, name) for layer, name, _ in self.pairs]
+        if self.pairs[0][2].device != sources[0].device:  # net moved (e.g. to the GPU after a CPU sample)
+            for layer in self.layers:
+                layer.to(sources[0].device)  # in place: the parameters stay the same objects
+        with torch.no_grad():
+            torch._foreach_copy_([held for _, _, held in self.pairs], sources)

@@ -1,0 +1,115 @@
+"""FastForward under autocast runs a UNet copy whose convolution and linear weights are held in the autocast
+dtype: the same values as autocast's per-call casts, without the casts, and never behind the network's weights."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ddpm_lightning.accel import FastForward
+from ddpm_lightning.accel.held_weights import HELD_LAYERS
+from ddpm_lightning.models import build_unet
+from ddpm_lightning.module import DiffusionModule
+
+
+def _unet(channels_last=False, **kwargs):
+    torch.manual_seed(0)
+    net = build_unet("tiny", image_size=8, in_channels=1, **kwargs).eval()
+    with torch.no_grad():  # off the zero initialisation, so that every layer shows in the output
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def _inputs(channels_last=False):
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x, torch.tensor([0., 10., 500., 999.])
+
+
+def _autocast(net, *args):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return net(*args).float()
+
+
+class _Casts(TorchDispatchMode):
+    """Counts the dtype casts the ops make."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("net_kwargs", [{}, {"learn_sigma": True, "num_classes": 3}])
+def test_held_weights_compute_autocasts_values_without_its_weight_casts(channels_last, net_kwargs):
+    net = _unet(channels_last, **net_kwargs)
+    fast = FastForward(net, precision="bf16-mixed")
+    args = (*_inputs(channels_last), *([torch.tensor([0, 1, 2, 0])] if net_kwargs else []))
+    with torch.no_grad():
+        got = fast(*args)
+    torch.testing.assert_close(got, _autocast(net, *args), rtol=0, atol=0)
+
+    held = [p for m in fast.target.modules() if isinstance(m, HELD_LAYERS) for p in m.parameters(recurse=False)]
+    assert held and all(p.dtype == torch.bfloat16 for p in held)
+    assert fast.target is not net and next(net.parameters()).dtype == torch.float32  # the network is untouched
+    # Everything else is the network's own tensor, not a copy: the GroupNorms' float32 weights stay current.
+    norm_weights = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert norm_weights == {id(m.weight) for m in fast.target.modules() if isinstance(m, torch.nn.GroupNorm)}
+    if channels_last:
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in held if p.ndim == 4)
+    # What it is for: each held parameter is one cast fewer per call.
+    with torch.no_grad(), _Casts() as with_held:
+        fast(*args)
+    with _Casts() as plain:
+        _autocast(net, *args)
+    assert plain.count - with_held.count == len(held)
+
+
+def test_held_weights_follow_the_network_at_each_sync():
+    net = _unet()
+    fast = FastForward(net, precision="bf16-mixed")
+    x, t = _inputs()
+    before = _autocast(net, x, t)
+    with torch.no_grad():
+        for m in net.modules():  # an EMA update, an optimizer step, a loaded checkpoint: in place
+            if isinstance(m, HELD_LAYERS):
+                m.weight.mul_(0.9)
+        torch.testing.assert_close(fast(x, t), before, rtol=0, atol=0)  # not synced yet
+        fast.sync_weights()
+        torch.testing.assert_close(fast(x, t), _autocast(net, x, t), rtol=0, atol=0)
+        net.norm_out.weight.mul_(1.5)  # shared, not held: seen at once
+        torch.testing.assert_close(fast(x, t), _autocast(net, x, t), rtol=0, atol=0)
+    net.train()
+    with torch.no_grad():
+        fast(x, t)
+    assert fast.target.training  # train/eval reach the network; the copy follows at the next call
+
+
+def test_each_sampling_run_gets_the_current_weights():
+    """DiffusionModule.eval_model syncs the held copy, so sampling after more training (here an in-place change
+    of the EMA weights) samples what a module loaded with those weights samples."""
+    module = DiffusionModule(net="tiny", image_size=8, in_channels=1, num_timesteps=30, sample_precision="bf16-mixed")
+    assert module.eval_model().net.held is not None
+    noise = torch.randn(2, 1, 8, 8)
+    module.sample(2, noise=noise.clone(), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in module.ema.averages[0].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    fresh = DiffusionModule(net="tiny", image_size=8, in_channels=1, num_timesteps=30, sample_precision="bf16-mixed")
+    fresh.load_state_dict(module.state_dict())
+    torch.testing.assert_close(module.sample(2, noise=noise.clone(), generator=torch.Generator().manual_seed(0)),
+                               fresh.sample(2, noise=noise.clone(), generator=torch.Generator().manual_seed(0)),
+                               rtol=0, atol=0)
+
+
+def test_only_the_projects_unets_under_autocast_are_held():
+    """A custom network may read its layers' weights outside their forward, where autocast would not cast
+    them; it keeps autocast's per-call casts. In float32 there is nothing to hold."""
+    custom = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))
+    assert FastForward(custom, precision="bf16-mixed").held is None
+    fast = FastForward(_unet(), precision="32")
+    assert fast.held is None and fast.target is fast.net
+    fast.sync_weights()  # nothing to do, and no error
