@@ -9,8 +9,8 @@ runs with cuDNN's autotuner on (`torch.backends.cudnn.benchmark`, which `ddpm fi
 Trainer but the sampling commands leave at torch's default, off). The suffix `+two-pass-gn` compiles
 GroupNorm as sampling did before session 9 (the A/B for `group_norm_act`), `+combo` with inductor's
 combo kernels, and `+autocast-weights` with the weights cast by autocast at every call, as before session 10
-(the A/B for `accel/held_weights.py`). The diffusers baselines run right after the first variant, so that a run stopped at its
-time limit still has the ratio.
+(the A/B for `accel/held_weights.py`). The diffusers baselines run right after the first variant, so that a
+run stopped at its time limit still has the ratio.
 
     python benchmarks/sample_throughput.py --batch_size 512 --respacing 100 \\
         --variants fp32 bf16-cl-graph bf16-cl-compile-graph --diffusers bf16-cl-compile-ro
