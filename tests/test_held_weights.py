@@ -113,3 +113,13 @@ def test_only_the_projects_unets_under_autocast_are_held():
     fast = FastForward(_unet(), precision="32")
     assert fast.held is None and fast.target is fast.net
     fast.sync_weights()  # nothing to do, and no error
+
+
+def test_the_copy_of_a_network_compiled_in_place_compiles_on_its_own():
+    """Sampling the training network (use_ema_for_eval=False), which on_fit_start compiled in place with the
+    training settings: the copy neither shares nor disturbs that compilation."""
+    net = _unet()
+    net.compile()  # lazy: nothing is compiled before a call
+    compiled = net._compiled_call_impl
+    fast = FastForward(net, precision="bf16-mixed")
+    assert fast.target._compiled_call_impl is None and net._compiled_call_impl is compiled
