@@ -376,15 +376,16 @@ def test_compiled_network_matches_eager_in_values_and_gradients(dtype):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on a CPU")
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, "held"])
 def test_compiled_sampling_network_matches_eager(monkeypatch, dtype):
     """Without autograd (sampling) the compiled UNet computes every GroupNorm with what follows it through
     group_norm_act, still as one graph, and computes the eager function: to rounding in float32, to bf16's
-    under bf16 autocast."""
+    under bf16 autocast, also as FastForward runs it there, with its weights held in bf16 ("held")."""
     import copy
 
     from torch._dynamo.utils import counters
 
+    from ddpm_lightning.accel.held_weights import HeldWeights
     from ddpm_lightning.models import build_unet, layers
     from ddpm_lightning.models.group_norm import group_norm_act
 
@@ -394,7 +395,9 @@ def test_compiled_sampling_network_matches_eager(monkeypatch, dtype):
     eager = build_unet("tiny", image_size=8, in_channels=1).to(memory_format=torch.channels_last).eval()
     with torch.no_grad():
         eager.conv_out.weight.normal_(0, 0.05)
-    call = CompiledCall(copy.deepcopy(eager))
+    held = dtype == "held"
+    dtype = torch.bfloat16 if held else dtype
+    call = CompiledCall(HeldWeights(eager, dtype).net if held else copy.deepcopy(eager))
     counters.clear()
     x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
     t = torch.tensor([0.0, 10.0, 500.0, 999.0])
