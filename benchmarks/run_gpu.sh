@@ -43,7 +43,7 @@ if part train; then
   D=$OUT/train
   # Variants in the order of what they decide, so that TRAIN_TIMEOUT cuts the least needed: the default (the
   # 5,500 img/s target), channels_last or not (the paper configs' default), the reads threshold (the training
-  # compile's options), combo kernels (a third fewer launches offline), then +aten-gn (the code session 5
+  # compile's options), combo kernels (39% fewer launches offline), then +aten-gn (the code session 5
   # measured, 4,405 img/s on an H100 then). The diffusers baseline runs after the first variant.
   timeout ${TRAIN_TIMEOUT:-420} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml \
     --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-compile-graph+reads4 bf16-cl-compile-graph+combo bf16-cl-compile-graph+aten-gn} \
@@ -57,8 +57,8 @@ fi
 if part sample; then
   D=$OUT/sample
   # (+bench, cuDNN's autotuner on, gained 0.004% in session 5, so it left the defaults.)
-  # +two-pass-gn: the A/B for sampling's one-kernel GroupNorm (session 9); +autocast-weights: for the weights
-  # held in bf16 (session 10: 222 Triton launches a forward to 84 offline); +combo: inductor's combo kernels.
+  # +two-pass-gn: the A/B for sampling's one-kernel GroupNorm (session 9); +autocast-weights: the A/B for the
+  # weights held in bf16 (session 10: 222 Triton launches a forward to 84 offline); +combo: combo kernels.
   # Without channels_last (session 5: the same speed) comes last, where SAMPLE_TIMEOUT may cut it.
   timeout ${SAMPLE_TIMEOUT:-240} python3 sample_throughput.py \
     --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+two-pass-gn bf16-cl-compile-graph+autocast-weights bf16-cl-compile-graph+combo bf16-compile-graph} \

@@ -146,9 +146,10 @@ def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monke
 
 
 def test_sample_throughput_compares_each_fast_path_with_fp32(tmp_path):
-    record, stdout = run("sample_throughput.py", tmp_path, "--preset", "tiny", "--image_size", "8", "--in_channels", "1",
-                    "--batch_size", "4", "--respacing", "3", "--num_batches", "1", "--variants", "fp32", "bf16-cl-graph",
-                    "fp32+bench", "fp32+two-pass-gn", "--diffusers", "bf16-cl", "--profile_dir", str(tmp_path))
+    record, stdout = run("sample_throughput.py", tmp_path, "--preset", "tiny", "--image_size", "8", "--in_channels",
+                         "1", "--batch_size", "4", "--respacing", "3", "--num_batches", "1", "--variants", "fp32",
+                         "bf16-cl-graph", "fp32+bench", "fp32+two-pass-gn", "--diffusers", "bf16-cl", "--profile_dir",
+                         str(tmp_path))
     results = record["results"]
     assert "Self CPU" in (tmp_path / "profile-sample-fp32.txt").read_text()
     assert results["fp32"]["rel_error"] == 0.0
