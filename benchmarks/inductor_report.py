@@ -195,8 +195,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--autocast_weights", action="store_true",
-                        help="with --offline sample: autocast casts the weights at each call, as before session 10 "
-                             "(by default they are held in bf16, as FastForward runs a UNet)")
+                        help="with --offline: autocast casts the weights at each call (and training their gradients "
+                             "back), as before session 10; by default they are held in bf16, as FastForward and "
+                             "TrainStep run a UNet")
     parser.add_argument("--save", default=None, help="with --offline: also write the generated code here")
     parser.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (an H100 SXM's HBM3: 3.35e12)")
     args = parser.parse_args()
@@ -209,7 +210,8 @@ def main() -> None:
             codes = sampling_forward_code(net, args.batch_size, args.channels_last, not args.autocast_weights)
         else:
             grad_layouts: list = []
-            codes = training_step_code(net, args.batch_size, args.channels_last, grad_layouts)
+            codes = training_step_code(net, args.batch_size, args.channels_last, grad_layouts,
+                                       held_weights=not args.autocast_weights)
             print(f"weights whose gradient the backward returns in another layout: {len(grad_layouts)}"
                   + "".join(f"\n  {name}: weight {w}, gradient {g}" for name, w, g in grad_layouts[:10]))
         text = "\n".join(codes)

@@ -196,8 +196,12 @@ class _CudaOnCpu(torch.overrides.TorchFunctionMode):
 
 
 def training_step_code(net: nn.Module, batch_size: int, channels_last: bool,
-                       grad_layouts: list | None = None, inductor_options: dict | None = None) -> list[str]:
-    """The wrapper code of the compiled training forward and backward (train mode, bf16 autocast, MSE).
+                       grad_layouts: list | None = None, inductor_options: dict | None = None,
+                       held_weights: bool = True) -> list[str]:
+    """The wrapper code of the compiled training forward and backward (train mode, bf16 autocast, MSE), of the
+    network TrainStep runs: with its convolution and linear weights held in bf16 as the forward's leaves
+    (accel/held_weights.py; the casts in and out are TrainStep's multi-tensor copies, outside these graphs),
+    or, with `held_weights=False`, cast by autocast in the forward and their gradients cast back.
 
     `grad_layouts`, a list, receives (name, weight strides, gradient strides) for each weight whose
     gradient the backward graph returns in other strides (inductor keeps a graph output's traced
@@ -213,9 +217,13 @@ def training_step_code(net: nn.Module, batch_size: int, channels_last: bool,
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    from ddpm_lightning.accel.held_weights import HeldWeights
+
     net = net.train()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
+    if held_weights:
+        net = HeldWeights(net, torch.bfloat16, trainable=True).net
     names = [n for n, _ in net.named_parameters()]
     buffers = dict(net.named_buffers())
     mode = FakeTensorMode(allow_non_fake_inputs=True)

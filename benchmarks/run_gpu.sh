@@ -42,11 +42,11 @@ report() { [ -s "$1/inductor-code.py" ] && python3 inductor_report.py "$1/induct
 if part train; then
   D=$OUT/train
   # Variants in the order of what they decide, so that TRAIN_TIMEOUT cuts the least needed: the default (the
-  # 5,500 img/s target), channels_last or not (the paper configs' default), the reads threshold (the training
-  # compile's options), combo kernels (39% fewer launches offline), then +aten-gn (the code session 5
-  # measured, 4,405 img/s on an H100 then). The diffusers baseline runs after the first variant.
+  # 5,500 img/s target), channels_last or not (the paper configs' default), the held weights (session 10: 45%
+  # fewer launches offline) and the reads threshold (the defaults' A/Bs), combo kernels, then +aten-gn (the
+  # code session 5 measured, 4,405 img/s on an H100 then). The diffusers baseline runs after the first variant.
   timeout ${TRAIN_TIMEOUT:-420} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml \
-    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-compile-graph+reads4 bf16-cl-compile-graph+combo bf16-cl-compile-graph+aten-gn} \
+    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-compile-graph+autocast-weights bf16-cl-compile-graph+reads4 bf16-cl-compile-graph+combo bf16-cl-compile-graph+aten-gn} \
     --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-100} --profile_steps 5 \
     --profile_dir "$D" --attribute --inductor_code "$D/inductor-code.py" --json "$D/train.json" \
     --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \

@@ -97,6 +97,14 @@ def _aten_groupnorm():
     return stack
 
 
+def _autocast_weights():
+    """The step as before session 10: autocast casts each weight in the forward and each gradient back, where
+    TrainStep now holds bf16 copies and casts them all at once (accel/held_weights.py)."""
+    from ddpm_lightning.accel import TrainStep
+
+    return mock.patch.object(TrainStep, "hold_weights", False)
+
+
 # Experiments on the paper configs' variant, each a context the variant trains in (name: base + suffix).
 EXPERIMENTS = {
     # Inductor's combo kernels launch independent small kernels (weight casts, bias gradients) as one;
@@ -107,6 +115,8 @@ EXPERIMENTS = {
     "+reads4": _inductor_reads4,
     # The A/B for the GroupNorm, gradient-layout, upsampling and reads changes made after session 5.
     "+aten-gn": _aten_groupnorm,
+    # The A/B for the held weights (session 10, offline: 291 fewer Triton launches a step).
+    "+autocast-weights": _autocast_weights,
 }
 VARIANTS.update({f"bf16-cl-compile-graph{suffix}": VARIANTS["bf16-cl-compile-graph"] for suffix in EXPERIMENTS})
 DIFFUSERS_MODES = ("bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
@@ -162,6 +172,11 @@ class StepTimer(L.Callback):
         step = trainer.global_step
         if self.attribute_path and step == self.ATTRIBUTE_STEPS[0]:
             self._start_profiler()
+        held = getattr(getattr(pl_module, "_train_step", None), "held", None)
+        if self.probe is not None and step == 1 and held is not None:
+            # TrainStep (made at step 0) runs the forward on held copies: their gradients are autograd's.
+            self.probe.remove()
+            self.probe = GradLayoutProbe(held.net.named_parameters())
         if step == self.warmup and self.start is None:
             if self.probe is not None:  # the layouts as the last untimed step left them
                 self.probe.remove()

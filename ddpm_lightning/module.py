@@ -234,7 +234,7 @@ class DiffusionModule(L.LightningModule):
         if not capture:
             reason = "no CUDA device" if self.device.type != "cuda" else f"{self.trainer.world_size} processes"
             rank_zero_warn(f"cuda_graph: {reason}, so the training step runs without a graph")
-        return TrainStep(self, optimizer, capture=capture)
+        return TrainStep(self, optimizer, capture=capture, hold_weights=self.trainer.world_size == 1)
 
     def _after_step(self, loss: Tensor, losses: dict[str, Tensor], t: Tensor, weights: Tensor) -> None:
         """Quartile sums on the device every step; means logged (one host sync) at the log interval."""

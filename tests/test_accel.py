@@ -47,13 +47,17 @@ def _fit(tmp_path, steps=6, trainer_kw=None, callbacks=(), **module_kw):
     dict(),
     dict(grad_clip=0.05, ema_warmup=True),
     dict(timestep_sampler="loss-second-moment", var_type="learned_range", loss_type="rescaled_mse"),
+    dict(trainer_kw=dict(precision="bf16-mixed"), grad_clip=0.05, channels_last=True),
 ])
 def test_graph_mode_step_equals_the_lightning_step_bit_for_bit(tmp_path, variant):
-    """cuda_graph=True runs TrainStep (eagerly on the CPU): same weights, EMA, optimizer state, losses."""
+    """cuda_graph=True runs TrainStep (eagerly on the CPU): same weights, EMA, optimizer state, losses. Under
+    bf16-mixed the step's forward reads bf16 copies of the convolution and linear weights (HeldWeights) where
+    Lightning's autocast casts the float32 ones at each use: the same values."""
     plain, plain_losses, _ = _fit(tmp_path / "a", **variant)
     with pytest.warns(UserWarning, match="no CUDA device"):
         graphed, graphed_losses, trainer = _fit(tmp_path / "b", cuda_graph=True, **variant)
     assert not graphed.automatic_optimization
+    assert (graphed._train_step.held is not None) == ("trainer_kw" in variant)  # held under bf16-mixed only
     assert graphed_losses == plain_losses
     for (name, a), b in zip(plain.state_dict().items(), graphed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -292,8 +296,9 @@ def test_a_failed_capture_trains_on_uncaptured(tmp_path, monkeypatch):
 
     original_init = TrainStep.__init__
 
-    def capturing_init(self, module, optimizer, capture, warmup_steps=3):
-        original_init(self, module, optimizer, capture=True, warmup_steps=0)  # capture at the first step
+    def capturing_init(self, module, optimizer, capture, warmup_steps=3, hold_weights=True):
+        original_init(self, module, optimizer, capture=True, warmup_steps=0,  # capture at the first step
+                      hold_weights=hold_weights)
 
     monkeypatch.setattr(TrainStep, "__init__", capturing_init)
     monkeypatch.setattr(TrainStep, "_capture", fake_capture)

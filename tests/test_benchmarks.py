@@ -43,9 +43,9 @@ def test_train_throughput_through_ddpm_fit(tmp_path):
 
 
 def test_the_experiments_switch_their_setting_on_for_the_variant_only(monkeypatch):
-    """+reads4 and +combo set inductor's options; +aten-gn brings back the UNet session 5 measured (ATen's
-    GroupNorm and upsampling under compile, gradients in any layout, inductor's default reads threshold), so
-    one run can time the changes since."""
+    """+reads4 and +combo set inductor's options; +autocast-weights turns TrainStep's held weights off; +aten-gn
+    brings back the UNet session 5 measured (ATen's GroupNorm and upsampling under compile, gradients in any
+    layout, inductor's default reads threshold), so one run can time the changes since."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch._inductor.config as inductor_config
     from train_throughput import EXPERIMENTS
@@ -57,6 +57,11 @@ def test_the_experiments_switch_their_setting_on_for_the_variant_only(monkeypatc
     assert TRAINING_INDUCTOR_OPTIONS == {"realize_reads_threshold": 6}
     with EXPERIMENTS["+reads4"]():
         assert TRAINING_INDUCTOR_OPTIONS == {"realize_reads_threshold": 4}
+    from ddpm_lightning.accel import TrainStep
+
+    with EXPERIMENTS["+autocast-weights"]():
+        assert not TrainStep.hold_weights
+    assert TrainStep.hold_weights
     before = inductor_config.combo_kernels
     with EXPERIMENTS["+combo"]():
         assert inductor_config.combo_kernels
@@ -95,12 +100,18 @@ def test_the_layout_report_names_a_weight_whose_gradient_arrives_in_another_layo
         def forward(self, x):
             return x @ self.weight.contiguous() + self.bias
 
-    net = Net()
+    # The step runs on TrainStep's held copy (made at step 0) from step 1: its weights take autograd's gradients.
+    net, float32_net = Net(), Net()
     timer = StepTimer(warmup=3, steps=1, report_layouts=True)
-    module = SimpleNamespace(net=net)
+    module = SimpleNamespace(net=float32_net)
     timer.on_train_start(None, module)
+    module._train_step = SimpleNamespace(held=SimpleNamespace(net=net))
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    timer.on_train_batch_start(SimpleNamespace(global_step=1, strategy=cpu), module, None, 0)
+    float32_net(torch.randn(4, 3)).sum().backward()
+    assert timer.probe.grad_strides == {}  # no longer probed
     net(torch.randn(4, 3)).sum().backward()
-    trainer = SimpleNamespace(global_step=3, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    trainer = SimpleNamespace(global_step=3, strategy=cpu)
     timer.on_train_batch_start(trainer, module, None, 0)
     assert timer.layout_mismatches == [{"param": "weight", "shape": [3, 5], "param_stride": [1, 3],
                                         "grad_stride": [5, 1]}]

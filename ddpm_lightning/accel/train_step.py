@@ -15,6 +15,7 @@ how tests/test_accel.py checks it against the Lightning path bit for bit.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from typing import TYPE_CHECKING, Optional
 
@@ -34,16 +35,24 @@ class TrainStep:
         capture: capture and replay a CUDA graph (needs CUDA); False runs the same step eagerly.
         warmup_steps: real steps run eagerly on a side stream before the capture, so that lazy
             initialisation (cuBLAS/cuDNN handles, compilation, optimizer state) happens outside it.
+        hold_weights: under autocast, run the forward on a copy of a project UNet whose convolution and linear
+            weights are held in the autocast dtype (HeldWeights), cast in and their gradients cast out with a
+            few multi-tensor copies a step instead of one cast per weight and use. Off under DDP, whose
+            gradient hooks sit on the float32 parameters.
     """
 
+    # Off: autocast casts each weight and gradient, as before session 10 (the benchmarks' A/B).
+    hold_weights = True
+
     def __init__(self, module: "DiffusionModule", optimizer: torch.optim.Optimizer, capture: bool,
-                 warmup_steps: int = 3):
+                 warmup_steps: int = 3, hold_weights: bool = True):
         self.module = module
         self.optimizer = optimizer
         self.capture = capture
         self.warmup_steps = warmup_steps
         # Clipped in the order Lightning clips: the optimizer's parameters, group by group.
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.held, self.model = self._held_model(hold_weights and self.hold_weights)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.key: Optional[tuple] = None
         self.static: dict[str, Optional[Tensor]] = {}
@@ -75,7 +84,7 @@ class TrainStep:
             for i, decay in enumerate(self.module.ema.decays):
                 self.ema_weights[i].fill_(1.0 - self.module.ema.decay_at(decay, ema_updates))
         if not self.capture:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             return self._body(x_start, y, t, weights, ema_updates)
         key = (tuple(x_start.shape), x_start.dtype, None if y is None else tuple(y.shape))
         if self.graph is not None and key == self.key:
@@ -96,21 +105,43 @@ class TrainStep:
                 group["lr"], group["capturable"] = float(group["lr"]) if not isinstance(lr, Tensor) else lr, capturable
             warnings.warn(f"cuda_graph: capturing the training step failed ({str(err).splitlines()[0][:200]}); "
                           "training continues without a graph")
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             return self._body(x_start, y, t, weights, ema_updates)
         self.graph.replay()  # capturing only records: this replay runs the step for this batch
         return self.outputs
 
     # ----------------------------------------------------------------- internals
+    def _held_model(self, hold: bool):
+        """(HeldWeights, the model the step runs on its copy), or (None, module.model)."""
+        from ddpm_lightning.accel.compile import TRAINING_INDUCTOR_OPTIONS, CompiledCall
+        from ddpm_lightning.accel.held_weights import HeldWeights
+        from ddpm_lightning.models.unet import UNet
+
+        module, device = self.module, self.params[0].device.type
+        if not (hold and torch.is_autocast_enabled(device) and isinstance(module.net, UNet)):
+            return None, module.model
+        held = HeldWeights(module.net, torch.get_autocast_dtype(device), trainable=True)
+        model = copy.copy(module.model)  # the timestep rescaling, around the copy
+        model.net = held.net
+        if isinstance(module.model.net, CompiledCall):  # compiled as on_fit_start compiled module.net
+            model.net = CompiledCall(held.net, module.hparams.compile_mode, TRAINING_INDUCTOR_OPTIONS)
+        return held, model
+
     def _body(self, x_start: Tensor, y: Optional[Tensor], t: Tensor, weights: Tensor, ema_updates: int) -> dict[str, Tensor]:
-        module = self.module
+        module, held = self.module, self.held
+        if held is not None:
+            held.sync()  # this step's weights, cast: one multi-tensor copy
+            if held.net.training != module.net.training:
+                held.net.train(module.net.training)
         with self._autocast():
-            losses = module.diffusion.training_losses(module.model, x_start, t, model_kwargs=module._model_kwargs(y))
+            losses = module.diffusion.training_losses(self.model, x_start, t, model_kwargs=module._model_kwargs(y))
             loss = (losses["loss"] * weights).mean()
         if self.capture:
             loss.backward()
         else:
             module.manual_backward(loss)  # under DDP, Lightning prepares the gradient all-reduce here
+        if held is not None:
+            held.copy_grads()
         if module.hparams.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, module.hparams.grad_clip)
         self.optimizer.step()
@@ -119,6 +150,11 @@ class TrainStep:
         else:
             module.ema.update(module.net, ema_updates)
         return {"total": loss.detach(), **{name: value.detach() for name, value in losses.items()}}
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.held is not None:
+            self.held.zero_grad()
 
     def _autocast(self):
         # Inside a captured graph autocast must not cache casted weights across the capture
@@ -132,7 +168,7 @@ class TrainStep:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             out = self._body(x_start, y, t, weights, ema_updates)
         torch.cuda.current_stream().wait_stream(stream)
         return out
@@ -149,7 +185,7 @@ class TrainStep:
                        "t": t.clone(), "weights": weights.clone()}
         # Gradients allocated inside the capture live in the graph's pool; every replay's backward
         # then writes them afresh, so no zero_grad is needed between replays.
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             s = self.static
