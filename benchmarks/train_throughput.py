@@ -107,8 +107,9 @@ def _autocast_weights():
 
 # Experiments on the paper configs' variant, each a context the variant trains in (name: base + suffix).
 EXPERIMENTS = {
-    # Inductor's combo kernels launch independent small kernels (weight casts, bias gradients) as one;
-    # offline (inductor_report.py, torch 2.11, session 10) they cut the step's Triton launches from 811 to 497.
+    # Inductor's combo kernels launch independent small kernels (GroupNorm's small sums, bias gradients) as one;
+    # offline (inductor_report.py, torch 2.11, session 10) they cut the step's Triton launches from 443 to 391
+    # (from 811 to 497 with the weights cast by autocast).
     "+combo": lambda: torch._inductor.config.patch(combo_kernels=True),
     # The A/B for the training compile's realize_reads_threshold of 6 (accel/compile.py; session 8, offline: a
     # third fewer backward bytes): inductor's default 4, which writes GroupNorm's recomputed output out in fp32.
