@@ -7,6 +7,7 @@ from typing import Any, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -234,7 +235,10 @@ class DiffusionModule(L.LightningModule):
         if not capture:
             reason = "no CUDA device" if self.device.type != "cuda" else f"{self.trainer.world_size} processes"
             rank_zero_warn(f"cuda_graph: {reason}, so the training step runs without a graph")
-        return TrainStep(self, optimizer, capture=capture, hold_weights=self.trainer.world_size == 1)
+        # Held weights take autograd's gradients in place of the float32 parameters, where a DDP wrapper (even
+        # of one process) waits for them.
+        hold_weights = isinstance(self.trainer.strategy, SingleDeviceStrategy)
+        return TrainStep(self, optimizer, capture=capture, hold_weights=hold_weights)
 
     def _after_step(self, loss: Tensor, losses: dict[str, Tensor], t: Tensor, weights: Tensor) -> None:
         """Quartile sums on the device every step; means logged (one host sync) at the log interval."""

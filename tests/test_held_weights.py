@@ -150,3 +150,20 @@ def test_the_training_step_casts_its_held_weights_and_gradients_all_at_once():
     assert plain_casts - held_casts == 2 * len(held)
     for a, b in zip(held_module.state_dict().values(), plain_module.state_dict().values()):
         assert torch.equal(a, b)  # after AdamW and the EMA update
+
+
+@pytest.mark.parametrize("strategy, held", [("single", True), ("ddp", False)])
+def test_the_training_step_holds_weights_on_a_single_device_strategy_only(monkeypatch, strategy, held):
+    """A DDP wrapper, even of one process (strategy=ddp, devices=1), waits for the float32 parameters'
+    gradients; the held copy would take them instead."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    chosen = SingleDeviceStrategy(device=torch.device("cpu")) if strategy == "single" else DDPStrategy()
+    module = DiffusionModule(net="tiny", image_size=8, in_channels=1, num_timesteps=30)
+    module._trainer = SimpleNamespace(strategy=chosen, world_size=1, precision="bf16-mixed")
+    optimizer = torch.optim.AdamW(module.net.parameters(), lr=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="no CUDA device"):
+        step = module._make_train_step(optimizer)
+    assert (step.held is not None) == held
