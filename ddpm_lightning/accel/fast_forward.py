@@ -10,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpm_lightning.accel.compile import CompiledCall
-from ddpm_lightning.accel.held_weights import HeldWeights
-from ddpm_lightning.models.unet import UNet
+from ddpm_lightning.accel.held_weights import HeldWeights, holds
 from ddpm_lightning.nets import NetworkWrapper
 
 SAMPLE_PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -59,7 +58,7 @@ class FastForward(NetworkWrapper):
         self.net = net
         self.dtype = autocast_dtype(precision)
         self.compile, self.compile_mode = compile, compile_mode
-        held = self.hold_weights and self.dtype is not None and isinstance(net, UNet)
+        held = self.hold_weights and self.dtype is not None and holds(net)
         self.held = HeldWeights(net, self.dtype) if held else None
         self.target = net if self.held is None else self.held.net  # the network the calls run
         self.call = self.target  # compiled at the first call on a CUDA device

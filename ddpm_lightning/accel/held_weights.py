@@ -27,6 +27,14 @@ from torch import nn
 HELD_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+def holds(net: nn.Module) -> bool:
+    """Whether `net`'s weights may be held: the project's UNet, whose convolution and linear weights are read
+    only by their layers. A custom network may read them elsewhere, where autocast would not have cast them."""
+    from ddpm_lightning.models.unet import UNet
+
+    return isinstance(net, UNet)
+
+
 class HeldWeights:
     """`self.net`: a copy of `net` whose convolution and linear layers hold their parameters in `dtype`.
 

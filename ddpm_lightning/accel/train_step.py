@@ -114,11 +114,10 @@ class TrainStep:
     def _held_model(self, hold: bool):
         """(HeldWeights, the model the step runs on its copy), or (None, module.model)."""
         from ddpm_lightning.accel.compile import TRAINING_INDUCTOR_OPTIONS, CompiledCall
-        from ddpm_lightning.accel.held_weights import HeldWeights
-        from ddpm_lightning.models.unet import UNet
+        from ddpm_lightning.accel.held_weights import HeldWeights, holds
 
         module, device = self.module, self.params[0].device.type
-        if not (hold and torch.is_autocast_enabled(device) and isinstance(module.net, UNet)):
+        if not (hold and torch.is_autocast_enabled(device) and holds(module.net)):
             return None, module.model
         held = HeldWeights(module.net, torch.get_autocast_dtype(device), trainable=True)
         model = copy.copy(module.model)  # the timestep rescaling, around the copy
