@@ -111,3 +111,23 @@ def write_json(path: str, args, results: dict, **extra) -> None:
     """The machine, the arguments and the results, as the files in benchmarks/results/ hold them."""
     with open(path, "w") as handle:
         json.dump({"env": environment(), "args": vars(args), **extra, "results": results}, handle, indent=2)
+
+
+def time_baselines(tag: str, modes: list[str], rate_of: Callable[[str], float], records: dict, args,
+                   code: InductorCode | None, label: str = "", unit: str = "img/s", **extra) -> None:
+    """Times (and empties) `modes` of the diffusers baseline with `rate_of(mode)` into `records`, writing the
+    JSON after each, so that a run stopped at its time limit keeps what it measured. A failing mode is
+    reported and skipped."""
+    while modes:
+        mode = modes.pop(0)
+        if code:
+            code.label = f"diffusers {mode}{label}"
+        try:
+            rate = rate_of(mode)
+        except Exception as err:
+            print(f"[{tag}] diffusers {mode}: FAILED {type(err).__name__}: {err}", flush=True)
+            continue
+        records[f"diffusers {mode}"] = {"images_per_s": rate, **extra}
+        print(f"[{tag}] diffusers {mode}: {rate:.0f} {unit}", flush=True)
+        if args.json:
+            write_json(args.json, args, records)

@@ -27,7 +27,7 @@ from unittest import mock
 import torch
 
 from bench_common import (InductorCode, diffusers_unet, flops_per_forward, images_per_second, mode_autocast,
-                          print_table, synchronize, write_json)
+                          print_table, synchronize, time_baselines, write_json)
 
 VARIANTS = {
     "fp32": dict(),
@@ -155,19 +155,8 @@ def diffusers_forward(preset: str, mode: str, batch: int, iters: int, device: to
 def diffusers_baselines(modes: list[str], records: dict, args: argparse.Namespace, device: torch.device,
                         code: InductorCode | None) -> None:
     """Times (and empties) `modes` of the diffusers baseline into `records`."""
-    while modes:
-        mode = modes.pop(0)
-        if code:
-            code.label = f"diffusers {mode} batch {args.batch_size}"
-        try:
-            rate = diffusers_forward(args.preset, mode, args.batch_size, 20, device)
-        except Exception as err:
-            print(f"[sample] diffusers {mode}: FAILED {type(err).__name__}: {err}", flush=True)
-            continue
-        records[f"diffusers {mode}"] = {"images_per_s": rate}
-        print(f"[sample] diffusers {mode}: {rate:.0f} forward img/s", flush=True)
-        if args.json:
-            write_json(args.json, args, records)
+    time_baselines("sample", modes, lambda mode: diffusers_forward(args.preset, mode, args.batch_size, 20, device),
+                   records, args, code, label=f" batch {args.batch_size}", unit="forward img/s")
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 from bench_common import (InductorCode, diffusers_unet, flops_per_forward, images_per_second, mode_autocast, print_table,
-                          write_json)
+                          time_baselines, write_json)
 
 
 class GradLayoutProbe:
@@ -265,19 +265,9 @@ def diffusers_baselines(modes: list[str], records: dict, args: argparse.Namespac
                         code: InductorCode | None) -> None:
     """Times (and empties) `modes` of the diffusers baseline at the first trained variant's net and batch."""
     first = next(iter(records.values()))
-    while modes:
-        mode = modes.pop(0)
-        if code:
-            code.label = f"diffusers {mode}"
-        try:
-            rate = diffusers_baseline(first["net"], mode, first["batch"], args.warmup, args.steps, device)
-        except Exception as err:
-            print(f"[train] diffusers {mode}: FAILED {type(err).__name__}: {err}", flush=True)
-            continue
-        records[f"diffusers {mode}"] = {"images_per_s": rate, "batch": first["batch"]}
-        print(f"[train] diffusers {mode}: {rate:.0f} img/s", flush=True)
-        if args.json:
-            write_json(args.json, args, records)
+    time_baselines("train", modes,
+                   lambda mode: diffusers_baseline(first["net"], mode, first["batch"], args.warmup, args.steps, device),
+                   records, args, code, batch=first["batch"])
 
 
 def main() -> None:

@@ -86,6 +86,9 @@ def test_held_weights_follow_the_network_at_each_sync():
     with torch.no_grad():
         fast(x, t)
     assert fast.target.training  # train/eval reach the network; the copy follows at the next call
+    net.eval()
+    fast.held.sync()  # and at each sync (TrainStep's, before each step's forward)
+    assert not fast.target.training
 
 
 def test_each_sampling_run_gets_the_current_weights():

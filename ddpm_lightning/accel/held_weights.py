@@ -40,8 +40,8 @@ class HeldWeights:
 
     Everything else is `net`'s own, shared rather than copied (the GroupNorms' float32 weights, buffers), so
     only the held parameters can fall behind `net`'s: `sync()` copies their current values in, in place, so
-    that CUDA graphs captured on the copy stay valid. The copy follows `net`'s device at each sync. With
-    `trainable`, the held parameters take gradients, which `copy_grads()` casts into `net`'s.
+    that CUDA graphs captured on the copy stay valid. The copy follows `net`'s device and train/eval mode at
+    each sync. With `trainable`, the held parameters take gradients, which `copy_grads()` casts into `net`'s.
     """
 
     def __init__(self, net: nn.Module, dtype: torch.dtype, trainable: bool = False):
@@ -51,7 +51,7 @@ class HeldWeights:
         compiled = getattr(net, "_compiled_call_impl", None)
         if compiled is not None:  # compiled in place (the training network): the copy compiles on its own
             memo[id(compiled)] = None
-        self.net = copy.deepcopy(net, memo)
+        self.source, self.net = net, copy.deepcopy(net, memo)
         self.layers = [m for m in self.net.modules() if isinstance(m, HELD_LAYERS)]
         self.pairs: list[tuple[nn.Module, str, torch.Tensor]] = []  # (net's layer, parameter name, held copy)
         for source, layer in zip(sources, self.layers):
@@ -63,6 +63,8 @@ class HeldWeights:
 
     def sync(self) -> None:
         """Copies `net`'s current convolution and linear parameters into the held ones (cast), in place."""
+        if self.net.training != self.source.training:  # train()/eval() reach the network, not its copy
+            self.net.train(self.source.training)
         if not self.pairs:
             return
         sources = [getattr(layer, name) for layer, name, _ in self.pairs]

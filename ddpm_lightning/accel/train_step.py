@@ -129,9 +129,7 @@ class TrainStep:
     def _body(self, x_start: Tensor, y: Optional[Tensor], t: Tensor, weights: Tensor, ema_updates: int) -> dict[str, Tensor]:
         module, held = self.module, self.held
         if held is not None:
-            held.sync()  # this step's weights, cast: one multi-tensor copy
-            if held.net.training != module.net.training:
-                held.net.train(module.net.training)
+            held.sync()  # this step's weights, cast: one multi-tensor copy (and the network's train/eval mode)
         with self._autocast():
             losses = module.diffusion.training_losses(self.model, x_start, t, model_kwargs=module._model_kwargs(y))
             loss = (losses["loss"] * weights).mean()
