@@ -72,8 +72,8 @@ class FastForward(NetworkWrapper):
             self.held.sync()
 
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
-        if self.target.training != self.net.training:  # train()/eval() reach the network, not its copy
-            self.target.train(self.net.training)
+        if self.held is not None:
+            self.held.follow_mode()  # at each call: cheap, unlike the weights' sync
         if self.compile and x.is_cuda and self.call is self.target:
             self.call = CompiledCall(self.target, self.compile_mode)
         if not (self.cuda_graph and self._graphable(x) and not torch.is_grad_enabled() and not self.net.training):

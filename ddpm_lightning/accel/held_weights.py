@@ -61,10 +61,14 @@ class HeldWeights:
                 self.pairs.append((source, name, param))
         self.sync()
 
+    def follow_mode(self) -> None:
+        """The copy in `net`'s train/eval mode: train() and eval() reach the network, not its copy."""
+        if self.net.training != self.source.training:
+            self.net.train(self.source.training)
+
     def sync(self) -> None:
         """Copies `net`'s current convolution and linear parameters into the held ones (cast), in place."""
-        if self.net.training != self.source.training:  # train()/eval() reach the network, not its copy
-            self.net.train(self.source.training)
+        self.follow_mode()
         if not self.pairs:
             return
         sources = [getattr(layer, name) for layer, name, _ in self.pairs]
