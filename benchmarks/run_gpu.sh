@@ -5,9 +5,10 @@
 # CIFAR-10 JPEG tarball at .data/ (both git-ignored; RESULTS.md says how to fill them).
 #
 # PARTS picks the benchmarks (default: train sample fid). On an H100 `train` takes about 7 minutes (compiled
-# variants of about 90 s each; TRAIN_TIMEOUT stops it in the fifth) and `sample fid` about 5, most of it
-# compilation, so with 10 minutes a call run them as two calls, the second at once (a machine is kept warm
-# for 30 s only):
+# variants of 95-116 s each, GPU run 3; TRAIN_TIMEOUT stops it in the fourth) and `sample fid` about 5, most
+# of it compilation, so with 10 minutes a call run them as two calls, the second at once (a machine is kept
+# warm for 30 s only). A part takes its *_TIMEOUT plus about 40 s (the JPEG extraction, the inductor report,
+# the packing), so give the call's timeout that much more:
 #   PARTS=train bash benchmarks/run_gpu.sh;  PARTS="sample fid" bash benchmarks/run_gpu.sh
 # Each part writes its logs, JSON, profiles and inductor's generated code into ${OUT}/<part>/ and packs that
 # folder into ${OUT}/<part>.tar.gz when it ends, also when it stopped at its timeout: the device machine
@@ -42,11 +43,11 @@ report() { [ -s "$1/inductor-code.py" ] && python3 inductor_report.py "$1/induct
 if part train; then
   D=$OUT/train
   # Variants in the order of what they decide, so that TRAIN_TIMEOUT cuts the least needed: the default (the
-  # 5,500 img/s target), channels_last or not (the paper configs' default), the held weights (session 10: 45%
-  # fewer launches offline) and the reads threshold (the defaults' A/Bs), combo kernels, then +aten-gn (the
-  # code session 5 measured, 4,405 img/s on an H100 then). The diffusers baseline runs after the first variant.
+  # 5,500 img/s target; GPU run 3: 6,581), then what GPU run 3's timeout cut: channels_last or not (the paper
+  # configs' default), combo kernels, +aten-gn (the code session 5 measured, 4,405 img/s); last the A/Bs run 3
+  # settled (held weights +2.1%, reads threshold 6 +3.9%). The diffusers baseline runs after the first variant.
   timeout ${TRAIN_TIMEOUT:-420} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml \
-    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-compile-graph+autocast-weights bf16-cl-compile-graph+reads4 bf16-cl-compile-graph+combo bf16-cl-compile-graph+aten-gn} \
+    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-compile-graph+combo bf16-cl-compile-graph+aten-gn bf16-cl-compile-graph+autocast-weights bf16-cl-compile-graph+reads4} \
     --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-100} --profile_steps 5 \
     --profile_dir "$D" --attribute --inductor_code "$D/inductor-code.py" --json "$D/train.json" \
     --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \
@@ -56,12 +57,12 @@ if part train; then
 fi
 if part sample; then
   D=$OUT/sample
-  # (+bench, cuDNN's autotuner on, gained 0.004% in session 5, so it left the defaults.)
-  # +two-pass-gn: the A/B for sampling's one-kernel GroupNorm (session 9); +autocast-weights: the A/B for the
-  # weights held in bf16 (session 10: 222 Triton launches a forward to 84 offline); +combo: combo kernels.
-  # Without channels_last (session 5: the same speed) comes last, where SAMPLE_TIMEOUT may cut it.
+  # (+bench, cuDNN's autotuner on, gained 0.004% in session 5, so it left the defaults.) GPU run 3 measured
+  # on top of the one-kernel GroupNorm, since turned off: +combo (+1.5%) and the held weights against
+  # +autocast-weights (+1.4%); both again on the two-pass default here. Without channels_last (cut in run 3;
+  # session 5: the same speed), then +one-kernel-gn (run 3: 11% slower), last, where SAMPLE_TIMEOUT may cut it.
   timeout ${SAMPLE_TIMEOUT:-240} python3 sample_throughput.py \
-    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+two-pass-gn bf16-cl-compile-graph+autocast-weights bf16-cl-compile-graph+combo bf16-compile-graph} \
+    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+combo bf16-cl-compile-graph+autocast-weights bf16-compile-graph bf16-cl-compile-graph+one-kernel-gn} \
     --diffusers ${SAMPLE_DIFFUSERS:-bf16-cl bf16-cl-compile-ro} --batch_size 512 --respacing 100 --num_batches 2 \
     --profile_dir "$D" --inductor_code "$D/inductor-code.py" --json "$D/sample.json" 2>&1 | tee "$D/sample.log" | grep -E "$filter"
   # The target reads "batch >= 512"; a larger batch fills the small 8x8 and 4x4 levels' GEMMs better (+3% at

@@ -6,10 +6,10 @@ on them) and its fast-path options, warms up one batch (compilation and graph ca
 `--num_batches` batches. Forward img/s = samples x steps / seconds. The diffusers baseline is a bare
 loop of UNet2DModel forwards on one batch under inference_mode. A variant name with the suffix `+bench`
 runs with cuDNN's autotuner on (`torch.backends.cudnn.benchmark`, which `ddpm fit` sets through the
-Trainer but the sampling commands leave at torch's default, off). The suffix `+two-pass-gn` compiles
-GroupNorm as sampling did before session 9 (the A/B for `group_norm_act`), `+combo` with inductor's
-combo kernels, and `+autocast-weights` with the weights cast by autocast at every call, as before session 10
-(the A/B for `accel/held_weights.py`). The diffusers baselines run right after the first variant, so that a
+Trainer but the sampling commands leave at torch's default, off). The suffix `+one-kernel-gn` compiles each
+GroupNorm with what follows it as one kernel (`group_norm_act`, the default from session 9 until GPU run 3
+measured it slower), `+combo` with inductor's combo kernels, and `+autocast-weights` with the weights cast by
+autocast at every call, as before session 10 (the A/B for `accel/held_weights.py`). The diffusers baselines run right after the first variant, so that a
 run stopped at its time limit still has the ratio.
 
     python benchmarks/sample_throughput.py --batch_size 512 --respacing 100 \\
@@ -39,7 +39,7 @@ VARIANTS = {
     "bf16-cl-compile-ma-graph": dict(sample_precision="bf16-mixed", channels_last=True, compile=True,
                                      compile_mode="max-autotune-no-cudagraphs", cuda_graph=True),
 }
-SUFFIXES = ("+bench", "+two-pass-gn", "+combo", "+autocast-weights")
+SUFFIXES = ("+bench", "+one-kernel-gn", "+combo", "+autocast-weights")
 VARIANT_NAMES = sorted([*VARIANTS, *(f"{name}{suffix}" for name in VARIANTS for suffix in SUFFIXES)])
 DIFFUSERS_MODES = ("fp32", "bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
 
@@ -54,7 +54,7 @@ def variant_options(name: str) -> dict:
 @contextlib.contextmanager
 def variant_context(name: str):
     """What a variant's suffix sets while it runs: cuDNN's autotuner on for `+bench` (off otherwise), the
-    two-pass GroupNorm for `+two-pass-gn`, inductor's combo kernels for `+combo`, and the weights cast at each
+    one-kernel GroupNorm for `+one-kernel-gn`, inductor's combo kernels for `+combo`, and the weights cast at each
     call for `+autocast-weights`; the previous settings afterwards. Dynamo forgets earlier variants' code first,
     since its guards need not cover what a suffix changes."""
     import torch._inductor.config as inductor_config
@@ -66,7 +66,7 @@ def variant_context(name: str):
     saved = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = name.endswith("+bench")
     try:
-        with mock.patch.object(layers.GroupNorm32, "one_kernel_sampling", not name.endswith("+two-pass-gn")), \
+        with mock.patch.object(layers.GroupNorm32, "one_kernel_sampling", name.endswith("+one-kernel-gn")), \
                 mock.patch.object(FastForward, "hold_weights", not name.endswith("+autocast-weights")), \
                 inductor_config.patch(combo_kernels=name.endswith("+combo") or inductor_config.combo_kernels):
             yield

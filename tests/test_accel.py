@@ -381,11 +381,13 @@ def test_compiled_network_matches_eager_in_values_and_gradients(dtype):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on a CPU")
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16, "held"])
-def test_compiled_sampling_network_matches_eager(monkeypatch, dtype):
-    """Without autograd (sampling) the compiled UNet computes every GroupNorm with what follows it through
-    group_norm_act, still as one graph, and computes the eager function: to rounding in float32, to bf16's
-    under bf16 autocast, also as FastForward runs it there, with its weights held in bf16 ("held")."""
+@pytest.mark.parametrize("dtype, one_kernel", [(None, False), (torch.bfloat16, False), ("held", False),
+                                               (None, True), ("held", True)])
+def test_compiled_sampling_network_matches_eager(monkeypatch, dtype, one_kernel):
+    """Without autograd (sampling) the compiled UNet is one graph and computes the eager function: to rounding
+    in float32, to bf16's under bf16 autocast, also as FastForward runs it there, with its weights held in bf16
+    ("held"). Each GroupNorm takes group_norm_act with what follows it where one_kernel_sampling is on, and
+    two passes (the default) where it is off."""
     import copy
 
     from torch._dynamo.utils import counters
@@ -396,6 +398,7 @@ def test_compiled_sampling_network_matches_eager(monkeypatch, dtype):
 
     calls = []
     monkeypatch.setattr(layers, "group_norm_act", lambda *a, **k: calls.append(1) or group_norm_act(*a, **k))
+    monkeypatch.setattr(layers.GroupNorm32, "one_kernel_sampling", one_kernel)
     torch.manual_seed(0)
     eager = build_unet("tiny", image_size=8, in_channels=1).to(memory_format=torch.channels_last).eval()
     with torch.no_grad():
@@ -409,7 +412,7 @@ def test_compiled_sampling_network_matches_eager(monkeypatch, dtype):
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         want, got = eager(x, t).float(), call(x, t).float()
     assert call.whole and counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    assert len(calls) == sum(isinstance(m, layers.GroupNorm32) for m in eager.modules())
+    assert len(calls) == one_kernel * sum(isinstance(m, layers.GroupNorm32) for m in eager.modules())
     if dtype is None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     else:

@@ -7,8 +7,9 @@ channels_last one, autograd saves it, and each convolution backward copies it ba
 split into groups by a view, which exists in both layouts, and the backward is ATen's own formula
 (`native_group_norm_backward`), so the graph saves what ATen saves: the input, the mean and 1/std.
 
-`group_norm_act` is the form for sampling: the norm and the ops after it, written so that inductor makes
-one kernel of them.
+`group_norm_act` is an opt-in form for sampling (`GroupNorm32.one_kernel_sampling`): the norm and the ops
+after it, written so that inductor makes one kernel of them. It moves fewer bytes but ran slower on an H100,
+so it is off by default (see its docstring).
 """
 
 from __future__ import annotations
@@ -93,10 +94,13 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Tensor | None = None, bia
     and writes the same two kernels for either form.
     - Whatever follows the norm has to be applied here, on the grouped view. An op on the returned view is
       a pointwise kernel over [N, C, H, W] again.
-    - GroupNorm32 takes this form for channels_last inputs only. In an NCHW network, inductor lays out
-      some activations channels_last (its layout optimisation), how many depending on the net. Offline,
-      with torch 2.11, this grouping moved 19% fewer bytes for the DDPM CIFAR-10 net in NCHW but 2% more
-      for the tiny net, and NCHW-order grouping 35% more for the former.
+    - On an H100 (torch 2.11) it sampled 11% slower than two passes: the kernel reads each group's C/G
+      channels, then jumps 2C bytes to the next pixel, twice, and ran at about 1.2 TB/s (benchmarks/RESULTS.md,
+      GPU run 3). A form whose programs read whole pixels (all groups) would keep the saving; none is built.
+    - Where one_kernel_sampling is on, GroupNorm32 takes this form for channels_last inputs only. In an NCHW
+      network, inductor lays out some activations channels_last (its layout optimisation), how many
+      depending on the net. Offline, with torch 2.11, this grouping moved 19% fewer bytes for the DDPM
+      CIFAR-10 net in NCHW but 2% more for the tiny net, and NCHW-order grouping 35% more for the former.
     """
     if x.ndim != 4 or x.shape[1] % num_groups:
         raise ValueError(f"group_norm_act: x {tuple(x.shape)} is not [N, C, H, W] with C divisible by {num_groups}")

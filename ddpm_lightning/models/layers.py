@@ -40,9 +40,11 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32, as improved-diffusion's GroupNorm32 (Nichol & Dhariwal), then the
     scale-shift norm h * (1 + scale) + shift of Nichol & Dhariwal and SiLU where asked."""
 
-    # Sampling a channels_last network under torch.compile takes group_norm_act; off, the two-pass form
-    # (the benchmarks' +two-pass-gn A/B).
-    one_kernel_sampling = True
+    # On, sampling a channels_last network under torch.compile takes group_norm_act (the benchmarks'
+    # +one-kernel-gn A/B). Off by default: on an H100 (torch 2.11) it moved 23% fewer bytes but sampled 11%
+    # slower (22,584 against 25,463 forward img/s), its kernels reading each group's few channels at a
+    # 2C-byte stride (benchmarks/RESULTS.md, GPU run 3).
+    one_kernel_sampling = False
 
     def forward(self, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None,
                 silu: bool = False) -> Tensor:
