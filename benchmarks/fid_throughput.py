@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bench_common import synchronize, write_json
-from sample_throughput import VARIANT_NAMES, build_module, variant_context, variant_options
+from sample_throughput import build_module, variant_context, variant_name, variant_options
 
 
 def random_inception(device: torch.device):
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--preset", default="ddpm_cifar10")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--in_channels", type=int, default=3)
-    parser.add_argument("--variant", default="bf16-cl-compile-graph", choices=VARIANT_NAMES,
+    parser.add_argument("--variant", default="bf16-cl-compile-graph", type=variant_name,
                         help="a sampling variant of sample_throughput.py; +bench also autotunes Inception's convolutions")
     parser.add_argument("--num_samples", type=int, default=5000,
                         help="5,000 at batch 512 ends on a short batch, as 50,000 does")

@@ -43,11 +43,12 @@ report() { [ -s "$1/inductor-code.py" ] && python3 inductor_report.py "$1/induct
 if part train; then
   D=$OUT/train
   # Variants in the order of what they decide, so that TRAIN_TIMEOUT cuts the least needed: the default (the
-  # 5,500 img/s target; GPU run 3: 6,581), then what GPU run 3's timeout cut: channels_last or not (the paper
-  # configs' default), combo kernels, +aten-gn (the code session 5 measured, 4,405 img/s); last the A/Bs run 3
-  # settled (held weights +2.1%, reads threshold 6 +3.9%). The diffusers baseline runs after the first variant.
+  # 5,500 img/s target; GPU run 3: 6,581), channels_last or not (the paper configs' default; cut in run 3),
+  # coordinate-descent tuning (+cdt: run 3's elementwise kernels ran at 1.8-2.2 TB/s), combo kernels, +aten-gn
+  # (the code session 5 measured, 4,405 img/s); last the A/Bs run 3 settled (held weights +2.1%, reads
+  # threshold 6 +3.9%). The diffusers baseline runs after the first variant.
   timeout ${TRAIN_TIMEOUT:-420} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml \
-    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-compile-graph+combo bf16-cl-compile-graph+aten-gn bf16-cl-compile-graph+autocast-weights bf16-cl-compile-graph+reads4} \
+    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-compile-graph bf16-cl-compile-graph+cdt bf16-cl-compile-graph+combo bf16-cl-compile-graph+aten-gn bf16-cl-compile-graph+autocast-weights bf16-cl-compile-graph+reads4} \
     --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-100} --profile_steps 5 \
     --profile_dir "$D" --attribute --inductor_code "$D/inductor-code.py" --json "$D/train.json" \
     --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \
@@ -57,12 +58,14 @@ if part train; then
 fi
 if part sample; then
   D=$OUT/sample
-  # (+bench, cuDNN's autotuner on, gained 0.004% in session 5, so it left the defaults.) GPU run 3 measured
-  # on top of the one-kernel GroupNorm, since turned off: +combo (+1.5%) and the held weights against
-  # +autocast-weights (+1.4%); both again on the two-pass default here. Without channels_last (cut in run 3;
-  # session 5: the same speed), then +one-kernel-gn (run 3: 11% slower), last, where SAMPLE_TIMEOUT may cut it.
+  # (+bench, cuDNN's autotuner on, gained 0.004% in session 5, so it left the defaults.) +cdt: coordinate-
+  # descent tuning of the Triton kernels, which ran at 1.8-2.2 TB/s in GPU run 3, alone and with the one-kernel
+  # GroupNorm (11% slower in run 3, its reads strided; tuned block sizes may coalesce them). Run 3 measured
+  # +combo (+1.5%) and the held weights against +autocast-weights (+1.4%) only with the one-kernel GroupNorm,
+  # so both again on the two-pass default. Without channels_last (session 5: the same speed; offline, inductor
+  # lays the NCHW graph out channels_last anyway) comes last, where SAMPLE_TIMEOUT may cut it.
   timeout ${SAMPLE_TIMEOUT:-240} python3 sample_throughput.py \
-    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+combo bf16-cl-compile-graph+autocast-weights bf16-compile-graph bf16-cl-compile-graph+one-kernel-gn} \
+    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+cdt bf16-cl-compile-graph+one-kernel-gn+cdt bf16-cl-compile-graph+combo bf16-cl-compile-graph+autocast-weights bf16-compile-graph} \
     --diffusers ${SAMPLE_DIFFUSERS:-bf16-cl bf16-cl-compile-ro} --batch_size 512 --respacing 100 --num_batches 2 \
     --profile_dir "$D" --inductor_code "$D/inductor-code.py" --json "$D/sample.json" 2>&1 | tee "$D/sample.log" | grep -E "$filter"
   # The target reads "batch >= 512"; a larger batch fills the small 8x8 and 4x4 levels' GEMMs better (+3% at

@@ -8,8 +8,10 @@ loop of UNet2DModel forwards on one batch under inference_mode. A variant name w
 runs with cuDNN's autotuner on (`torch.backends.cudnn.benchmark`, which `ddpm fit` sets through the
 Trainer but the sampling commands leave at torch's default, off). The suffix `+one-kernel-gn` compiles each
 GroupNorm with what follows it as one kernel (`group_norm_act`, the default from session 9 until GPU run 3
-measured it slower), `+combo` with inductor's combo kernels, and `+autocast-weights` with the weights cast by
-autocast at every call, as before session 10 (the A/B for `accel/held_weights.py`). The diffusers baselines run right after the first variant, so that a
+measured it slower), `+combo` with inductor's combo kernels, `+autocast-weights` with the weights cast by
+autocast at every call, as before session 10 (the A/B for `accel/held_weights.py`), and `+cdt` with inductor's
+coordinate-descent tuning of each Triton kernel's block sizes and warps. Suffixes combine
+(`bf16-cl-compile-graph+one-kernel-gn+cdt`). The diffusers baselines run right after the first variant, so that a
 run stopped at its time limit still has the ratio.
 
     python benchmarks/sample_throughput.py --batch_size 512 --respacing 100 \\
@@ -39,36 +41,52 @@ VARIANTS = {
     "bf16-cl-compile-ma-graph": dict(sample_precision="bf16-mixed", channels_last=True, compile=True,
                                      compile_mode="max-autotune-no-cudagraphs", cuda_graph=True),
 }
-SUFFIXES = ("+bench", "+one-kernel-gn", "+combo", "+autocast-weights")
-VARIANT_NAMES = sorted([*VARIANTS, *(f"{name}{suffix}" for name in VARIANTS for suffix in SUFFIXES)])
+SUFFIXES = ("+bench", "+one-kernel-gn", "+combo", "+autocast-weights", "+cdt")
 DIFFUSERS_MODES = ("fp32", "bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
 
 
+def variant_parts(name: str) -> tuple[str, frozenset[str]]:
+    """A variant name's base (a key of VARIANTS) and its suffixes, each at most once, in any order."""
+    base, *rest = name.split("+")
+    suffixes = frozenset(f"+{suffix}" for suffix in rest)
+    if base not in VARIANTS or not suffixes <= set(SUFFIXES) or len(suffixes) != len(rest):
+        raise argparse.ArgumentTypeError(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}, "
+                                         f"then any of the suffixes {' '.join(SUFFIXES)}")
+    return base, suffixes
+
+
+def variant_name(name: str) -> str:
+    """argparse's check of a variant name."""
+    variant_parts(name)
+    return name
+
+
 def variant_options(name: str) -> dict:
-    """The DiffusionModule options of a variant name (its suffix changes none of them)."""
-    for suffix in SUFFIXES:
-        name = name.removesuffix(suffix)
-    return VARIANTS[name]
+    """The DiffusionModule options of a variant name (its suffixes change none of them)."""
+    return VARIANTS[variant_parts(name)[0]]
 
 
 @contextlib.contextmanager
 def variant_context(name: str):
-    """What a variant's suffix sets while it runs: cuDNN's autotuner on for `+bench` (off otherwise), the
-    one-kernel GroupNorm for `+one-kernel-gn`, inductor's combo kernels for `+combo`, and the weights cast at each
-    call for `+autocast-weights`; the previous settings afterwards. Dynamo forgets earlier variants' code first,
-    since its guards need not cover what a suffix changes."""
+    """What a variant's suffixes set while it runs: cuDNN's autotuner on for `+bench` (off otherwise), the
+    one-kernel GroupNorm for `+one-kernel-gn`, inductor's combo kernels for `+combo`, the weights cast at each
+    call for `+autocast-weights`, and coordinate-descent tuning for `+cdt`; the previous settings afterwards.
+    Dynamo forgets earlier variants' code first, since its guards need not cover what a suffix changes."""
     import torch._inductor.config as inductor_config
 
     from ddpm_lightning.accel import FastForward
     from ddpm_lightning.models import layers
 
+    suffixes = variant_parts(name)[1]
     torch._dynamo.reset()
     saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = name.endswith("+bench")
+    torch.backends.cudnn.benchmark = "+bench" in suffixes
     try:
-        with mock.patch.object(layers.GroupNorm32, "one_kernel_sampling", name.endswith("+one-kernel-gn")), \
-                mock.patch.object(FastForward, "hold_weights", not name.endswith("+autocast-weights")), \
-                inductor_config.patch(combo_kernels=name.endswith("+combo") or inductor_config.combo_kernels):
+        with mock.patch.object(layers.GroupNorm32, "one_kernel_sampling", "+one-kernel-gn" in suffixes), \
+                mock.patch.object(FastForward, "hold_weights", "+autocast-weights" not in suffixes), \
+                inductor_config.patch(combo_kernels="+combo" in suffixes or inductor_config.combo_kernels,
+                                      coordinate_descent_tuning="+cdt" in suffixes
+                                      or inductor_config.coordinate_descent_tuning):
             yield
     finally:
         torch.backends.cudnn.benchmark = saved
@@ -167,7 +185,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=512)
     parser.add_argument("--respacing", default="100", help="sampling steps per image")
     parser.add_argument("--num_batches", type=int, default=2, help="timed batches per variant")
-    parser.add_argument("--variants", nargs="+", default=["bf16-cl-compile-graph"], choices=VARIANT_NAMES)
+    parser.add_argument("--variants", nargs="+", default=["bf16-cl-compile-graph"], type=variant_name,
+                        help=f"a base ({', '.join(VARIANTS)}), then any of the suffixes {' '.join(SUFFIXES)}")
     parser.add_argument("--diffusers", nargs="*", default=[], choices=DIFFUSERS_MODES)
     parser.add_argument("--peak_tflops", type=float, default=800.0, help="for MFU: the card's dense bf16 rate")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

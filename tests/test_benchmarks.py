@@ -1,5 +1,6 @@
 """The GPU benchmarks keep running: each script end to end on the CPU at toy sizes (timings mean nothing here)."""
 
+import argparse
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ def test_train_throughput_through_ddpm_fit(tmp_path):
 
 
 def test_the_experiments_switch_their_setting_on_for_the_variant_only(monkeypatch):
-    """+reads4 and +combo set inductor's options; +autocast-weights turns TrainStep's held weights off; +aten-gn
+    """+reads4, +combo and +cdt set inductor's options; +autocast-weights turns TrainStep's held weights off; +aten-gn
     brings back the UNet session 5 measured (ATen's GroupNorm and upsampling under compile, gradients in any
     layout, inductor's default reads threshold), so one run can time the changes since."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -62,10 +63,13 @@ def test_the_experiments_switch_their_setting_on_for_the_variant_only(monkeypatc
     with EXPERIMENTS["+autocast-weights"]():
         assert not TrainStep.hold_weights
     assert TrainStep.hold_weights
-    before = inductor_config.combo_kernels
+    before = inductor_config.combo_kernels, inductor_config.coordinate_descent_tuning
     with EXPERIMENTS["+combo"]():
-        assert inductor_config.combo_kernels
-    assert inductor_config.combo_kernels == before and TRAINING_INDUCTOR_OPTIONS == {"realize_reads_threshold": 6}
+        assert inductor_config.combo_kernels and not inductor_config.coordinate_descent_tuning
+    with EXPERIMENTS["+cdt"]():
+        assert inductor_config.coordinate_descent_tuning and not inductor_config.combo_kernels
+    assert (inductor_config.combo_kernels, inductor_config.coordinate_descent_tuning) == before == (False, False)
+    assert TRAINING_INDUCTOR_OPTIONS == {"realize_reads_threshold": 6}
 
     calls = []
     monkeypatch.setattr(layers, "group_norm", lambda x, *a, **k: calls.append(1) or x)
@@ -124,10 +128,11 @@ def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monke
     """+bench turns cuDNN's autotuner on; +one-kernel-gn compiles sampling's GroupNorm through group_norm_act
     (statistics and output in one kernel) where the default takes two passes, so one run can time the two;
     +combo turns on inductor's combo kernels; +autocast-weights leaves a UNet's weights to autocast's casts at
-    every call."""
+    every call; +cdt turns on inductor's coordinate-descent tuning. Suffixes combine; a name that is not a base
+    and suffixes is refused in one line that lists them."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch._inductor.config as inductor_config
-    from sample_throughput import variant_context, variant_options
+    from sample_throughput import variant_context, variant_name, variant_options
 
     from ddpm_lightning.accel import FastForward
     from ddpm_lightning.models import build_unet, layers
@@ -153,8 +158,21 @@ def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monke
         with variant_context("bf16-cl-compile-graph+autocast-weights"):
             assert not FastForward.hold_weights and not inductor_config.combo_kernels
             assert FastForward(build_unet("tiny", image_size=8, in_channels=1), "bf16-mixed").held is None
+        with variant_context("bf16-cl-compile-graph+cdt"):
+            assert inductor_config.coordinate_descent_tuning and not inductor_config.combo_kernels
+            assert not layers.GroupNorm32.one_kernel_sampling and FastForward.hold_weights
+        calls.clear()
+        with variant_context(variant_name("bf16-cl-compile-graph+cdt+one-kernel-gn")):
+            assert inductor_config.coordinate_descent_tuning and layers.GroupNorm32.one_kernel_sampling
+            assert not torch.backends.cudnn.benchmark and FastForward.hold_weights
+            torch.compile(norm, backend="aot_eager")(x)
+            assert calls == [1]
     assert torch.backends.cudnn.benchmark == benchmark and not layers.GroupNorm32.one_kernel_sampling
-    assert not inductor_config.combo_kernels and FastForward.hold_weights
+    assert not inductor_config.combo_kernels and not inductor_config.coordinate_descent_tuning
+    assert FastForward.hold_weights
+    for bad in ("bf16-cl-compile-graph+fast", "bf16-cl-compile-graph+cdt+cdt", "bf16-cl-compiled"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"unknown variant .* suffixes \+bench"):
+            variant_name(bad)
 
 
 def test_sample_throughput_compares_each_fast_path_with_fp32(tmp_path):
