@@ -9,8 +9,8 @@ runs with cuDNN's autotuner on (`torch.backends.cudnn.benchmark`, which `ddpm fi
 Trainer but the sampling commands leave at torch's default, off). The suffix `+one-kernel-gn` compiles each
 GroupNorm with what follows it as one kernel (`group_norm_act`, the default from session 9 until GPU run 3
 measured it slower), `+combo` with inductor's combo kernels, `+autocast-weights` with the weights cast by
-autocast at every call, as before session 10 (the A/B for `accel/held_weights.py`), and `+cdt` with inductor's
-coordinate-descent tuning of each Triton kernel's block sizes and warps. Suffixes combine
+autocast at every call, as before session 10 (the A/B for `accel/held_weights.py`), and `+cdt` with the module's
+`compile_tuning` (inductor's coordinate-descent tuning of each Triton kernel). Suffixes combine
 (`bf16-cl-compile-graph+one-kernel-gn+cdt`). The diffusers baselines run right after the first variant, so that a
 run stopped at its time limit still has the ratio.
 
@@ -62,15 +62,16 @@ def variant_name(name: str) -> str:
 
 
 def variant_options(name: str) -> dict:
-    """The DiffusionModule options of a variant name (its suffixes change none of them)."""
-    return VARIANTS[variant_parts(name)[0]]
+    """The DiffusionModule options of a variant name: its base's, with compile_tuning for `+cdt`."""
+    base, suffixes = variant_parts(name)
+    return {**VARIANTS[base], **({"compile_tuning": True} if "+cdt" in suffixes else {})}
 
 
 @contextlib.contextmanager
 def variant_context(name: str):
     """What a variant's suffixes set while it runs: cuDNN's autotuner on for `+bench` (off otherwise), the
     one-kernel GroupNorm for `+one-kernel-gn`, inductor's combo kernels for `+combo`, the weights cast at each
-    call for `+autocast-weights`, and coordinate-descent tuning for `+cdt`; the previous settings afterwards.
+    call for `+autocast-weights` (`+cdt` is a module option: variant_options); the previous settings afterwards.
     Dynamo forgets earlier variants' code first, since its guards need not cover what a suffix changes."""
     import torch._inductor.config as inductor_config
 
@@ -84,9 +85,7 @@ def variant_context(name: str):
     try:
         with mock.patch.object(layers.GroupNorm32, "one_kernel_sampling", "+one-kernel-gn" in suffixes), \
                 mock.patch.object(FastForward, "hold_weights", "+autocast-weights" not in suffixes), \
-                inductor_config.patch(combo_kernels="+combo" in suffixes or inductor_config.combo_kernels,
-                                      coordinate_descent_tuning="+cdt" in suffixes
-                                      or inductor_config.coordinate_descent_tuning):
+                inductor_config.patch(combo_kernels="+combo" in suffixes or inductor_config.combo_kernels):
             yield
     finally:
         torch.backends.cudnn.benchmark = saved
@@ -119,11 +118,15 @@ def relative_error(module, reference, batch_size: int) -> float:
     return float((fast - exact).norm() / exact.norm())
 
 
-def time_variant(module, batch_size: int, num_batches: int, respacing: str) -> float:
-    """Forward passes per second of generate_uint8 over num_batches batches (after a warm-up batch)."""
+def time_variant(module, batch_size: int, num_batches: int, respacing: str) -> tuple[float, float]:
+    """Forward passes per second of generate_uint8 over num_batches batches, and the seconds of the warm-up batch
+    before them (compilation, kernel tuning, graph capture: what an evaluation pays once)."""
     from ddpm_lightning.sampling import generate_uint8
 
+    start = time.perf_counter()
     generate_uint8(module, range(batch_size), seed=1, batch_size=batch_size, respacing="5")  # warm-up, capture
+    synchronize(module.device)
+    warmup = time.perf_counter() - start
     steps = module.diffusion.respace(respacing).num_timesteps
     synchronize(module.device)
     start = time.perf_counter()
@@ -132,7 +135,7 @@ def time_variant(module, batch_size: int, num_batches: int, respacing: str) -> f
     synchronize(module.device)
     seconds = time.perf_counter() - start
     assert images.shape[0] == batch_size * num_batches
-    return batch_size * num_batches * steps / seconds
+    return batch_size * num_batches * steps / seconds, warmup
 
 
 def profile_variant(module, batch_size: int, respacing: str, path: str) -> None:
@@ -208,10 +211,10 @@ def main() -> None:
         try:
             module = build_module(args.preset, args.image_size, args.in_channels, device, **variant_options(name))
             with variant_context(name):
-                rate = time_variant(module, args.batch_size, args.num_batches, args.respacing)
+                rate, warmup = time_variant(module, args.batch_size, args.num_batches, args.respacing)
                 # After timing, so the comparison runs on the captured graph (the batch shape is the same).
                 records[name] = {"images_per_s": rate, "rel_error": relative_error(module, reference, args.batch_size),
-                                 "cudnn_benchmark": torch.backends.cudnn.benchmark}
+                                 "warmup_s": warmup, "cudnn_benchmark": torch.backends.cudnn.benchmark}
                 if args.profile_dir:
                     profile_variant(module, args.batch_size, args.respacing,
                                     f"{args.profile_dir}/profile-sample-{name}.txt")
@@ -221,8 +224,8 @@ def main() -> None:
             print(f"[sample] {name}: FAILED {type(err).__name__}: {err}", flush=True)
             traceback.print_exc()
             continue
-        print(f"[sample] {name}: {rate:.0f} forward img/s, relative error vs fp32 {records[name]['rel_error']:.1e}",
-              flush=True)
+        print(f"[sample] {name}: {rate:.0f} forward img/s, relative error vs fp32 {records[name]['rel_error']:.1e}, "
+              f"warm-up {warmup:.0f} s", flush=True)
         del module
     diffusers_baselines(pending, records, args, device, code)
     flops = flops_per_forward(args.preset, args.image_size, args.in_channels)

@@ -118,11 +118,11 @@ EXPERIMENTS = {
     "+aten-gn": _aten_groupnorm,
     # The A/B for the held weights (session 10, offline: 291 fewer Triton launches a step).
     "+autocast-weights": _autocast_weights,
-    # Inductor's coordinate-descent tuning of each Triton kernel's block sizes and warps (part of max-autotune,
-    # without its GEMM templates): the GPU run 3 profile has the elementwise kernels at 1.8-2.2 TB/s of 3.35.
-    "+cdt": lambda: torch._inductor.config.patch(coordinate_descent_tuning=True),
 }
 VARIANTS.update({f"bf16-cl-compile-graph{suffix}": VARIANTS["bf16-cl-compile-graph"] for suffix in EXPERIMENTS})
+# The module's compile_tuning (inductor's coordinate-descent tuning of each Triton kernel; GPU run 4: +10% for
+# sampling, about two minutes of one-off tuning there; not yet timed for training).
+VARIANTS["bf16-cl-compile-graph+cdt"] = VARIANTS["bf16-cl-compile-graph"] + ["--model.compile_tuning=true"]
 DIFFUSERS_MODES = ("bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
 
 

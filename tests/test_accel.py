@@ -11,6 +11,7 @@ from test_metrics import one_thread  # noqa: F401  (autouse: tiny ops run faster
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm_lightning.accel import CompiledCall, FastForward
+from ddpm_lightning.accel import fast_forward
 from ddpm_lightning.accel.fast_forward import autocast_dtype
 from ddpm_lightning.module import DiffusionModule
 
@@ -209,6 +210,42 @@ def test_the_training_network_compiles_with_the_training_inductor_options_and_on
         torch.compile(torch.nn.Identity(), **compile_kwargs(None, {"no_such_option": 1}))
 
 
+def test_compile_tuning_adds_coordinate_descent_tuning_to_training_and_sampling(monkeypatch, tmp_path):
+    """compile_tuning puts inductor's coordinate-descent tuning into the training network's compilation, beside
+    its reads threshold, and into the sampling networks' (otherwise inductor's defaults). Off by default; asked for
+    without compile it is refused in one line; turning compile off for sampling turns it off too."""
+    from ddpm_lightning.accel.compile import TUNING_INDUCTOR_OPTIONS
+
+    compiled = []
+
+    def fake_compile(self, **kw):
+        compiled.append(kw)
+        self._compiled_call_impl = self._call_impl
+
+    monkeypatch.setattr(torch.nn.Module, "compile", fake_compile)
+    monkeypatch.setattr(DiffusionModule, "device", property(lambda self: torch.device("cuda")))
+    assert TUNING_INDUCTOR_OPTIONS == {"coordinate_descent_tuning": True}
+    module = DiffusionModule(net="tiny", image_size=8, in_channels=1, num_timesteps=50, compile=True,
+                             compile_tuning=True)
+    module.on_fit_start()
+    assert compiled == [{"options": {"realize_reads_threshold": 6, "coordinate_descent_tuning": True},
+                         "dynamic": False}]
+    assert module.eval_model().net.compile_options == {"coordinate_descent_tuning": True}
+    plain = DiffusionModule(net="tiny", image_size=8, in_channels=1, num_timesteps=50, compile=True)
+    assert not plain.hparams.compile_tuning and plain.eval_model().net.compile_options is None
+    assert plain.training_inductor_options() == {"realize_reads_threshold": 6}
+    torch.compile(torch.nn.Identity(), options=module.training_inductor_options())  # names inductor knows
+    with pytest.raises(ValueError, match=r"^compile_tuning=True tunes the compiled network's kernels; set "
+                                         r"compile=True too$"):
+        DiffusionModule(net="tiny", image_size=8, in_channels=1, compile_tuning=True)
+    module.set_sampling_options(compile=False)
+    assert not module.hparams.compile_tuning
+    with pytest.raises(ValueError, match="set compile=True too"):
+        module.set_sampling_options(compile_tuning=True)
+    module.set_sampling_options(compile=True, compile_tuning=True)
+    assert module.hparams.compile_tuning and module.eval_model().net.compile_options == TUNING_INDUCTOR_OPTIONS
+
+
 def test_fast_forward_autocasts_and_returns_float32():
     net = torch.nn.Conv2d(1, 1, 1)
     seen = {}
@@ -244,15 +281,27 @@ def test_a_compiled_network_replays_a_smaller_batch_through_a_larger_graph(monke
         captured.append(key[0])
         return entry
 
-    monkeypatch.setattr(FastForward, "_graphable", staticmethod(lambda x: True))
+    compiled = []
+
+    class Compiled:  # stands in for CompiledCall (inductor is not what this test is about) and records its settings
+        def __init__(self, target, mode=None, options=None):
+            compiled.append((mode, options))
+            self.target = target
+
+        def __call__(self, *args):
+            return self.target(*args)
+
+    monkeypatch.setattr(FastForward, "_on_cuda", staticmethod(lambda x: True))
     monkeypatch.setattr(FastForward, "_capture", fake_capture)
+    monkeypatch.setattr(fast_forward, "CompiledCall", Compiled)
     from ddpm_lightning.models import build_unet
 
     torch.manual_seed(0)
     net = build_unet("tiny", image_size=8, in_channels=1).eval()
     with torch.no_grad():
         net.conv_out.weight.normal_(0, 0.05)
-    fast = FastForward(net, compile=compile, cuda_graph=True)
+    options = {"coordinate_descent_tuning": True}
+    fast = FastForward(net, compile=compile, cuda_graph=True, compile_options=options)
     x, t = torch.randn(4, 1, 8, 8), torch.tensor([1.0, 200.0, 500.0, 999.0])
     with torch.no_grad():
         fast(x, t)
@@ -262,6 +311,7 @@ def test_a_compiled_network_replays_a_smaller_batch_through_a_larger_graph(monke
         fast(torch.randn(6, 1, 8, 8), torch.zeros(6))  # a larger batch: its own graph
     assert captured == ([(4, 1, 8, 8), (2, 1, 16, 16), (6, 1, 8, 8)] if compile else
                         [(4, 1, 8, 8), (3, 1, 8, 8), (2, 1, 16, 16), (6, 1, 8, 8)])
+    assert compiled == ([(None, options)] if compile else [])  # once, with the settings it was given
 
 
 def test_sampling_with_fast_options_matches_the_plain_network():

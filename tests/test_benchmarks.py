@@ -44,12 +44,12 @@ def test_train_throughput_through_ddpm_fit(tmp_path):
 
 
 def test_the_experiments_switch_their_setting_on_for_the_variant_only(monkeypatch):
-    """+reads4, +combo and +cdt set inductor's options; +autocast-weights turns TrainStep's held weights off; +aten-gn
+    """+reads4 and +combo set inductor's options; +autocast-weights turns TrainStep's held weights off; +aten-gn
     brings back the UNet session 5 measured (ATen's GroupNorm and upsampling under compile, gradients in any
     layout, inductor's default reads threshold), so one run can time the changes since."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch._inductor.config as inductor_config
-    from train_throughput import EXPERIMENTS
+    from train_throughput import EXPERIMENTS, VARIANTS
 
     from ddpm_lightning.accel.compile import TRAINING_INDUCTOR_OPTIONS
     from ddpm_lightning.models import grad_layout, layers, unet
@@ -66,9 +66,9 @@ def test_the_experiments_switch_their_setting_on_for_the_variant_only(monkeypatc
     before = inductor_config.combo_kernels, inductor_config.coordinate_descent_tuning
     with EXPERIMENTS["+combo"]():
         assert inductor_config.combo_kernels and not inductor_config.coordinate_descent_tuning
-    with EXPERIMENTS["+cdt"]():
-        assert inductor_config.coordinate_descent_tuning and not inductor_config.combo_kernels
     assert (inductor_config.combo_kernels, inductor_config.coordinate_descent_tuning) == before == (False, False)
+    # +cdt is the module's own option, set on the command line like the variants' other options.
+    assert VARIANTS["bf16-cl-compile-graph+cdt"] == VARIANTS["bf16-cl-compile-graph"] + ["--model.compile_tuning=true"]
     assert TRAINING_INDUCTOR_OPTIONS == {"realize_reads_threshold": 6}
 
     calls = []
@@ -128,7 +128,7 @@ def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monke
     """+bench turns cuDNN's autotuner on; +one-kernel-gn compiles sampling's GroupNorm through group_norm_act
     (statistics and output in one kernel) where the default takes two passes, so one run can time the two;
     +combo turns on inductor's combo kernels; +autocast-weights leaves a UNet's weights to autocast's casts at
-    every call; +cdt turns on inductor's coordinate-descent tuning. Suffixes combine; a name that is not a base
+    every call; +cdt sets the module's compile_tuning. Suffixes combine; a name that is not a base
     and suffixes is refused in one line that lists them."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch._inductor.config as inductor_config
@@ -158,12 +158,14 @@ def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monke
         with variant_context("bf16-cl-compile-graph+autocast-weights"):
             assert not FastForward.hold_weights and not inductor_config.combo_kernels
             assert FastForward(build_unet("tiny", image_size=8, in_channels=1), "bf16-mixed").held is None
-        with variant_context("bf16-cl-compile-graph+cdt"):
-            assert inductor_config.coordinate_descent_tuning and not inductor_config.combo_kernels
-            assert not layers.GroupNorm32.one_kernel_sampling and FastForward.hold_weights
+        assert variant_options("bf16-cl-compile-graph+cdt") == {**variant_options("bf16-cl-compile-graph"),
+                                                                "compile_tuning": True}
+        assert "compile_tuning" not in variant_options("bf16-cl-compile-graph+combo")
         calls.clear()
-        with variant_context(variant_name("bf16-cl-compile-graph+cdt+one-kernel-gn")):
-            assert inductor_config.coordinate_descent_tuning and layers.GroupNorm32.one_kernel_sampling
+        cdt_gn = variant_name("bf16-cl-compile-graph+cdt+one-kernel-gn")
+        assert variant_options(cdt_gn)["compile_tuning"]
+        with variant_context(cdt_gn):
+            assert layers.GroupNorm32.one_kernel_sampling and not inductor_config.combo_kernels
             assert not torch.backends.cudnn.benchmark and FastForward.hold_weights
             torch.compile(norm, backend="aot_eager")(x)
             assert calls == [1]
@@ -189,6 +191,7 @@ def test_sample_throughput_compares_each_fast_path_with_fp32(tmp_path):
     assert results["fp32+one-kernel-gn"]["rel_error"] == 0.0  # eager, as on every CPU: the same ops
     assert 0 < results["bf16-cl-graph"]["rel_error"] < 3e-2  # bf16 rounding, not a different function
     assert results["diffusers bf16-cl"]["images_per_s"] > 0
+    assert all(results[name]["warmup_s"] > 0 for name in ("fp32", "bf16-cl-graph"))  # what an evaluation pays once
     order = [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[sample]")]
     assert order[:3] == ["[sample] fp32", "[sample] diffusers bf16-cl", "[sample] bf16-cl-graph"]
 

@@ -96,6 +96,13 @@ def test_sample_precision_flag_overrides_the_checkpoint(trained, tmp_path, capsy
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "ddpm: error: unknown sample_precision 'bf16'; valid: 32, bf16-mixed, 16-mixed")
+    with pytest.raises(SystemExit) as exit_info:  # the checkpoint was trained without compile
+        sample(ckpt, tmp_path / "d", "--compile_tuning", "true")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ddpm: error: compile_tuning=True tunes the compiled network's kernels; set compile=True too")
+    sample(ckpt, tmp_path / "e", "--num_samples", "2", "--compile", "true", "--compile_tuning", "true")
+    assert seen[-1][0]["compile"] is True and seen[-1][0]["compile_tuning"] is True
 
 
 def test_sample_errors_are_one_line(tmp_path, capsys):

@@ -21,11 +21,30 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotu
 # gains nothing from it (17.78 to 18.0 GB at batch 512).
 TRAINING_INDUCTOR_OPTIONS: dict[str, Any] = {"realize_reads_threshold": 6}
 
+# What `compile_tuning` adds: inductor's coordinate-descent tuning, which times each generated Triton kernel at
+# its first launch with neighbouring block sizes and warp counts and keeps the fastest (max-autotune's kernel
+# tuning, without its GEMM templates). GPU run 4 (benchmarks/RESULTS.md, H100, torch 2.11): DDPM CIFAR-10
+# sampling at batch 512 went from 25,652 to 28,221 forward img/s (+10%): a forward's GPU time fell from 19.6 to
+# 17.8 ms, all of it in the Triton kernels. The tuning took about two minutes once (read from the run's file times), which inductor
+# caches on the machine. Off by default: a 50,000-sample, 100-step evaluation on a fresh machine loses more to
+# the tuning than it gains. Not yet timed for training.
+TUNING_INDUCTOR_OPTIONS: dict[str, Any] = {"coordinate_descent_tuning": True}
+
+
+def inductor_options(base: Optional[dict[str, Any]], tuning: bool) -> Optional[dict[str, Any]]:
+    """`base` (None: inductor's defaults) with TUNING_INDUCTOR_OPTIONS added when `tuning`."""
+    return {**(base or {}), **TUNING_INDUCTOR_OPTIONS} if tuning else base
+
 
 def check_compile_mode(mode: Optional[str]) -> None:
     if mode not in COMPILE_MODES:
         valid = ", ".join(str(m) for m in COMPILE_MODES)
         raise ValueError(f"unknown compile_mode {mode!r}; valid: {valid}")
+
+
+def check_compile_tuning(compile: bool, tuning: bool) -> None:
+    if tuning and not compile:
+        raise ValueError("compile_tuning=True tunes the compiled network's kernels; set compile=True too")
 
 
 def compile_kwargs(mode: Optional[str], options: Optional[dict[str, Any]]) -> dict[str, Any]:

@@ -26,7 +26,8 @@ def autocast_dtype(precision: str) -> Optional[torch.dtype]:
 class FastForward(NetworkWrapper):
     """Calls net(x, t[, y]) for sampling: 1,000 (or 100) calls on one batch shape per image batch.
 
-    compile and cuda_graph apply on CUDA devices; elsewhere only the autocast precision does.
+    compile and cuda_graph apply on CUDA devices; elsewhere only the autocast precision does. compile_options
+    are inductor's settings for that compilation (None: its defaults; accel/compile.py).
 
     Why graphs: a sampling step is a forward pass of a few hundred kernels on a fixed shape, and at
     small images the host cannot launch them as fast as the GPU runs them. Each (shape, dtype) is
@@ -54,10 +55,11 @@ class FastForward(NetworkWrapper):
     hold_weights = True
 
     def __init__(self, net: nn.Module, precision: str = "32", compile: bool = False,
-                 compile_mode: Optional[str] = None, cuda_graph: bool = False):
+                 compile_mode: Optional[str] = None, cuda_graph: bool = False,
+                 compile_options: Optional[dict[str, Any]] = None):
         self.net = net
         self.dtype = autocast_dtype(precision)
-        self.compile, self.compile_mode = compile, compile_mode
+        self.compile, self.compile_mode, self.compile_options = compile, compile_mode, compile_options
         held = self.hold_weights and self.dtype is not None and holds(net)
         self.held = HeldWeights(net, self.dtype) if held else None
         self.target = net if self.held is None else self.held.net  # the network the calls run
@@ -74,9 +76,9 @@ class FastForward(NetworkWrapper):
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         if self.held is not None:
             self.held.follow_mode()  # at each call: cheap, unlike the weights' sync
-        if self.compile and x.is_cuda and self.call is self.target:
-            self.call = CompiledCall(self.target, self.compile_mode)
-        if not (self.cuda_graph and self._graphable(x) and not torch.is_grad_enabled() and not self.net.training):
+        if self.compile and self._on_cuda(x) and self.call is self.target:
+            self.call = CompiledCall(self.target, self.compile_mode, self.compile_options)
+        if not (self.cuda_graph and self._on_cuda(x) and not torch.is_grad_enabled() and not self.net.training):
             return self._run(x, t, y, capturing=False)
         key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, None if y is None else (tuple(y.shape), y.dtype))
         entry = self.graphs.get(key)
@@ -100,7 +102,7 @@ class FastForward(NetworkWrapper):
         return entry["out"][:n].clone()
 
     @staticmethod
-    def _graphable(x: Tensor) -> bool:
+    def _on_cuda(x: Tensor) -> bool:
         return x.is_cuda
 
     def _larger_batch(self, key: tuple) -> Optional[dict[str, Any]]:

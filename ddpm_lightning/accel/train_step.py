@@ -113,7 +113,7 @@ class TrainStep:
     # ----------------------------------------------------------------- internals
     def _held_model(self, hold: bool):
         """(HeldWeights, the model the step runs on its copy), or (None, module.model)."""
-        from ddpm_lightning.accel.compile import TRAINING_INDUCTOR_OPTIONS, CompiledCall
+        from ddpm_lightning.accel.compile import CompiledCall
         from ddpm_lightning.accel.held_weights import HeldWeights, holds
 
         module, device = self.module, self.params[0].device.type
@@ -123,7 +123,7 @@ class TrainStep:
         model = copy.copy(module.model)  # the timestep rescaling, around the copy
         model.net = held.net
         if isinstance(module.model.net, CompiledCall):  # compiled as on_fit_start compiled module.net
-            model.net = CompiledCall(held.net, module.hparams.compile_mode, TRAINING_INDUCTOR_OPTIONS)
+            model.net = CompiledCall(held.net, module.hparams.compile_mode, module.training_inductor_options())
         return held, model
 
     def _body(self, x_start: Tensor, y: Optional[Tensor], t: Tensor, weights: Tensor, ema_updates: int) -> dict[str, Tensor]:
