@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -394,3 +395,22 @@ def test_one_kernel_groupnorm_compiles_to_no_more_traffic_than_two_passes(monkey
     if channels_last and torch.__version__ < "2.14":
         assert one_kernel.total_bytes < 0.99 * two_pass.total_bytes, (one_kernel.total_bytes, two_pass.total_bytes)
         assert one_kernel.launches["GroupNorm in one pass"] > two_pass.launches["GroupNorm in one pass"]
+
+
+def test_run_gpu_sh_names_only_variants_the_scripts_know():
+    """A misspelt default in run_gpu.sh would cost a device run its variant; each name must parse."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sample_throughput
+    import train_throughput
+
+    script = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
+
+    def defaults(variable):
+        return re.search(r"\$\{" + variable + r":-([^}]*)\}", script).group(1).split()
+
+    assert "bf16-cl-compile-graph+cdt" in defaults("TRAIN_VARIANTS")
+    assert all(name in train_throughput.VARIANTS for name in defaults("TRAIN_VARIANTS"))
+    for name in defaults("SAMPLE_VARIANTS") + defaults("SAMPLE_BIG_VARIANTS") + defaults("FID_VARIANT"):
+        sample_throughput.variant_name(name)
+    assert set(defaults("TRAIN_DIFFUSERS")) <= set(train_throughput.DIFFUSERS_MODES)
+    assert set(defaults("SAMPLE_DIFFUSERS")) <= set(sample_throughput.DIFFUSERS_MODES)
