@@ -10,8 +10,7 @@ import torch
 from test_metrics import one_thread  # noqa: F401  (autouse: tiny ops run faster on one thread)
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddpm_lightning.accel import CompiledCall, FastForward
-from ddpm_lightning.accel import fast_forward
+from ddpm_lightning.accel import CompiledCall, FastForward, fast_forward
 from ddpm_lightning.accel.fast_forward import autocast_dtype
 from ddpm_lightning.module import DiffusionModule
 
@@ -210,7 +209,7 @@ def test_the_training_network_compiles_with_the_training_inductor_options_and_on
         torch.compile(torch.nn.Identity(), **compile_kwargs(None, {"no_such_option": 1}))
 
 
-def test_compile_tuning_adds_coordinate_descent_tuning_to_training_and_sampling(monkeypatch, tmp_path):
+def test_compile_tuning_adds_coordinate_descent_tuning_to_training_and_sampling(monkeypatch):
     """compile_tuning puts inductor's coordinate-descent tuning into the training network's compilation, beside
     its reads threshold, and into the sampling networks' (otherwise inductor's defaults). Off by default; asked for
     without compile it is refused in one line; turning compile off for sampling turns it off too."""

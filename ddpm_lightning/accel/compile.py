@@ -25,9 +25,9 @@ TRAINING_INDUCTOR_OPTIONS: dict[str, Any] = {"realize_reads_threshold": 6}
 # its first launch with neighbouring block sizes and warp counts and keeps the fastest (max-autotune's kernel
 # tuning, without its GEMM templates). GPU run 4 (benchmarks/RESULTS.md, H100, torch 2.11): DDPM CIFAR-10
 # sampling at batch 512 went from 25,652 to 28,221 forward img/s (+10%): a forward's GPU time fell from 19.6 to
-# 17.8 ms, all of it in the Triton kernels. The tuning took about two minutes once (read from the run's file times), which inductor
-# caches on the machine. Off by default: a 50,000-sample, 100-step evaluation on a fresh machine loses more to
-# the tuning than it gains. Not yet timed for training.
+# 17.8 ms, all of it in the Triton kernels. The tuning took about two minutes once (read from the run's file
+# times), which inductor caches on the machine. Off by default: a 50,000-sample, 100-step evaluation on a fresh
+# machine loses more to the tuning than it gains. Not yet timed for training.
 TUNING_INDUCTOR_OPTIONS: dict[str, Any] = {"coordinate_descent_tuning": True}
 
 

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 
 def add_speed_arguments(parser: Any) -> None:
-    """--sample_precision, --compile, --compile_tuning and --cuda_graph, overriding what the checkpoint's hyperparameters say."""
+    """--sample_precision, --compile, --compile_tuning and --cuda_graph, overriding the checkpoint's hyperparameters."""
     parser.add_argument("--sample_precision", type=Optional[str], default=None,
                         help="network autocast while sampling: 32 | bf16-mixed | 16-mixed (default: the checkpoint's)")
     parser.add_argument("--compile", type=Optional[bool], default=None,
