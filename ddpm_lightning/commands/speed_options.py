@@ -12,7 +12,7 @@ def add_speed_arguments(parser: Any) -> None:
     parser.add_argument("--compile", type=Optional[bool], default=None,
                         help="torch.compile the sampling network on CUDA (default: the checkpoint's)")
     parser.add_argument("--compile_tuning", type=Optional[bool], default=None,
-                        help="with compile, tune each kernel by timing it once: +10%% on an H100, about two "
+                        help="with compile, tune each kernel by timing it once: +10 percent on an H100, about two "
                              "minutes of one-off tuning (default: the checkpoint's)")
     parser.add_argument("--cuda_graph", type=Optional[bool], default=None,
                         help="replay sampling forwards from CUDA graphs on CUDA (default: the checkpoint's)")
