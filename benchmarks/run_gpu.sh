@@ -6,8 +6,9 @@
 #
 # PARTS picks the benchmarks (default: train sample fid). On an H100 `train` takes about 8 minutes (compiled
 # variants of 95-135 s each in GPU runs 3-4, and minutes more with +cdt's tuning; TRAIN_TIMEOUT stops it) and
-# `sample fid` about 5, most of it compilation and tuning, so with 10 minutes a call run them as two calls,
-# the second at once (a machine is kept warm for 30 s only). A part takes its *_TIMEOUT plus about 40 s (the JPEG extraction, the inductor report,
+# `sample` about 9 (about two minutes of tuning per +cdt variant), so with 10 minutes a call and 15 a session,
+# one session runs one of them, or two calls with shorter timeouts, the second at once (a machine is kept warm
+# for 30 s only). A part takes its *_TIMEOUT plus about 40 s (the JPEG extraction, the inductor report,
 # the packing), so give the call's timeout that much more:
 #   PARTS=train bash benchmarks/run_gpu.sh;  PARTS="sample fid" bash benchmarks/run_gpu.sh
 # Each part writes its logs, JSON, profiles and inductor's generated code into ${OUT}/<part>/ and packs that
@@ -60,13 +61,14 @@ if part sample; then
   D=$OUT/sample
   # The diffusers baseline is its compiled, graphed loop, the best in issue #7's table (eager: 6,728 in run 3).
   # (+bench, cuDNN's autotuner on, gained 0.004% in session 5, so it left the defaults.) +cdt: compile_tuning,
-  # +10% in GPU run 4 for about two minutes of tuning (each variant's warm-up seconds are in the JSON), then
-  # what may close the last 6% to 30,000 on top of it: combo kernels (+1.5% in run 3 on the one-kernel
-  # GroupNorm) and the one-kernel GroupNorm (11% slower untuned in run 3, its reads strided; tuned block sizes
-  # may coalesce them). Without channels_last (session 5: the same speed; offline, inductor lays the NCHW graph
-  # out channels_last anyway) comes last, where SAMPLE_TIMEOUT may cut it.
-  timeout ${SAMPLE_TIMEOUT:-240} python3 sample_throughput.py \
-    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+cdt bf16-cl-compile-graph+cdt+combo bf16-cl-compile-graph+one-kernel-gn+cdt bf16-cl-compile-graph+autocast-weights bf16-compile-graph} \
+  # +10% in GPU run 4 for about two minutes of tuning per variant (each variant's warm-up seconds are in the
+  # JSON), so it comes first, then what may close the last 6% to 30,000 on top of it: the one-kernel GroupNorm
+  # (11% slower untuned in run 3, its reads strided: one program per sample and group; the tuning may give a
+  # program several groups, whose channels are contiguous) and combo kernels (+1.5% in run 3); then the
+  # untuned default (about a minute). Without channels_last (session 5: the same speed; offline, inductor lays
+  # the NCHW graph out channels_last anyway) comes last, where SAMPLE_TIMEOUT may cut it.
+  timeout ${SAMPLE_TIMEOUT:-540} python3 sample_throughput.py \
+    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph+cdt bf16-cl-compile-graph+one-kernel-gn+cdt bf16-cl-compile-graph+cdt+combo bf16-cl-compile-graph bf16-cl-compile-graph+autocast-weights bf16-compile-graph} \
     --diffusers ${SAMPLE_DIFFUSERS:-bf16-cl-compile-ro} --batch_size 512 --respacing 100 --num_batches 2 \
     --profile_dir "$D" --inductor_code "$D/inductor-code.py" --json "$D/sample.json" 2>&1 | tee "$D/sample.log" | grep -E "$filter"
   # The target reads "batch >= 512"; a larger batch fills the small 8x8 and 4x4 levels' GEMMs better (+3% at
