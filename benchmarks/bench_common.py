@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: the machine's description, FLOP counts, a plain table printer, and
-inductor's generated code written beside the profiles."""
+"""Shared by the benchmark scripts: the machine's description, FLOP counts, a plain table printer, profiles,
+and inductor's generated code written beside them."""
 
 from __future__ import annotations
 
@@ -105,6 +105,19 @@ class InductorCode:
             else:
                 self.seen[code] = number
                 handle.write(f"# ===== {self.label}: graph {number}\n{code}\n")
+
+
+def write_profile(profiler, path: str, sort_by: str, row_limit: int) -> None:
+    """A finished profile as a table at `path` (whole kernel names), and each event's device time and calls by
+    name beside it (`path` with .json), which inductor_report.py --kernel_times joins with the generated code's
+    bytes per kernel into each kernel's achieved bandwidth."""
+    events = profiler.key_averages()
+    with open(path, "w") as handle:
+        handle.write(events.table(sort_by=sort_by, row_limit=row_limit, max_name_column_width=160))
+    times = {e.key: {"calls": e.count, "device_us": e.self_device_time_total} for e in events
+             if e.self_device_time_total > 0}
+    with open(path.rsplit(".", 1)[0] + ".json", "w") as handle:
+        json.dump(times, handle, indent=1)
 
 
 def write_json(path: str, args, results: dict, **extra) -> None:

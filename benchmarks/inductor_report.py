@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -100,19 +101,34 @@ def _category(name: str, num_bytes: float | None, source: str = "") -> str:
     return "other elementwise"
 
 
-def analyse_wrapper(code: str, label: str) -> GraphReport:
-    """One compiled graph's wrapper (the module inductor writes: kernels, then `call`)."""
-    report = GraphReport(label)
+def _kernels(code: str) -> dict[str, tuple[str, float | None, str]]:
+    """A wrapper's Triton kernels: variable -> (kernel name, bytes a launch moves or None, source)."""
     kernels = {}
     for var, name, source in _KERNEL.findall(code):
         found = re.search(r"'kernel_num_gb': ([0-9.e+-]+)", source)
         kernels[var] = (name, float(found.group(1)) * 1e9 if found else None, source)
-        report.bytes_known &= found is not None
+    return kernels
+
+
+def _call_body(code: str) -> str:
+    """The wrapper's `call` (the launches and extern calls, in order), without comments."""
     body = _SOURCE.sub("", code)  # each kernel's source holds a benchmark harness with its own `call`
     body = body[body.find("def call("):]
-    body = "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("#"))
-    for var in re.findall(r"^\s+(\w+)\.run\(", body, re.M):
-        name, num_bytes, source = kernels.get(var, (var, None, ""))
+    return "\n".join(line for line in body.splitlines() if not line.lstrip().startswith("#"))
+
+
+def _launched(kernels: dict, body: str) -> list[tuple[str, float | None, str]]:
+    """(name, bytes, source) of each Triton launch in `call`, in order."""
+    return [kernels.get(var, (var, None, "")) for var in re.findall(r"^\s+(\w+)\.run\(", body, re.M)]
+
+
+def analyse_wrapper(code: str, label: str) -> GraphReport:
+    """One compiled graph's wrapper (the module inductor writes: kernels, then `call`)."""
+    report = GraphReport(label)
+    kernels = _kernels(code)
+    report.bytes_known = all(num_bytes is not None for _, num_bytes, _ in kernels.values())
+    body = _call_body(code)
+    for name, num_bytes, source in _launched(kernels, body):
         category = _category(name, num_bytes, source)
         report.launches[category] += 1
         report.bytes[category] += num_bytes or 0.0
@@ -154,6 +170,52 @@ def analyse_wrapper(code: str, label: str) -> GraphReport:
     for call in calls:
         report.conv_backward[tuple(layout_of(a) for a in _split_args(call)[:3])] += 1
     return report
+
+
+@dataclass
+class KernelTime:
+    name: str
+    category: str
+    launches: int  # per call of the graph
+    bytes: float  # per launch
+    seconds: float  # per call of the graph, all its launches
+
+
+def kernel_times(code: str, times: dict[str, dict]) -> tuple[list[KernelTime], float]:
+    """One graph's Triton kernels joined by name with a profile's device times (bench_common.write_profile's
+    JSON: name -> calls, device_us), and how many calls of the graph the profile saw (the median over kernels of
+    calls / launches per graph call). Kernels the profile did not see are left out."""
+    launches: dict[str, list] = {}
+    for name, num_bytes, source in _launched(_kernels(code), _call_body(code)):
+        launches.setdefault(name, [0, num_bytes or 0.0, _category(name, num_bytes, source)])[0] += 1
+    seen = [(name, n, num_bytes, category) for name, (n, num_bytes, category) in launches.items() if name in times]
+    if not seen:
+        return [], 0.0
+    ratios = sorted(times[name]["calls"] / n for name, n, _, _ in seen)
+    calls = ratios[len(ratios) // 2]
+    rows = [KernelTime(name, category, n, num_bytes, times[name]["device_us"] * 1e-6 / calls)
+            for name, n, num_bytes, category in seen]
+    return sorted(rows, key=lambda row: -row.seconds), calls
+
+
+def print_kernel_times(rows: list[KernelTime], calls: float, label: str, top: int = 15) -> None:
+    """Time and achieved bandwidth per category and for the slowest kernels, per call of the graph."""
+    print(f"\n{label}: Triton kernels timed in {calls:.0f} calls of the graph (per call)")
+    print(f"  {'':24s} {'launches':>8s} {'GB':>7s} {'ms':>7s} {'TB/s':>6s}")
+    categories: dict[str, list[float]] = {}
+    for row in rows:
+        total = categories.setdefault(row.category, [0, 0.0, 0.0])
+        total[0] += row.launches
+        total[1] += row.launches * row.bytes
+        total[2] += row.seconds
+    categories["all Triton kernels"] = [sum(v[i] for v in categories.values()) for i in range(3)]
+    for category, (n, num_bytes, seconds) in categories.items():
+        print(f"  {category:24s} {n:8d} {num_bytes / 1e9:7.2f} {1e3 * seconds:7.2f} {num_bytes / seconds / 1e12:6.2f}")
+    print(f"  the {min(top, len(rows))} longest (launches, MB and us a launch, TB/s):")
+    for row in rows[:top]:
+        each = row.seconds / row.launches
+        print(f"    {row.name[:90]:90s} x{row.launches:<3d} {row.bytes / 1e6:8.1f} {1e6 * each:8.1f} "
+              f"{row.bytes / each / 1e12:6.2f}")
 
 
 def split_graphs(text: str) -> list[tuple[str, str]]:
@@ -200,7 +262,14 @@ def main() -> None:
                              "TrainStep run a UNet")
     parser.add_argument("--save", default=None, help="with --offline: also write the generated code here")
     parser.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (an H100 SXM's HBM3: 3.35e12)")
+    parser.add_argument("--kernel_times", default=None,
+                        help="a profile's device times by kernel (the .json beside a profile-*.txt): each Triton "
+                             "kernel's time and achieved bandwidth in the graph --graph names")
+    parser.add_argument("--graph", default=None, help="with --kernel_times: the graph whose label starts so, "
+                                                      "e.g. 'sample bf16-cl-compile-graph+cdt batch 512:'")
     args = parser.parse_args()
+    if args.kernel_times and not args.graph:
+        parser.error("--kernel_times needs --graph, the label of the graph the profile timed")
     if args.offline:
         from ddpm_lightning.models import build_unet
         from offline_cuda_codegen import sampling_forward_code, training_step_code
@@ -223,10 +292,21 @@ def main() -> None:
             text = handle.read()
     else:
         parser.error("give a file of inductor code or --offline sample|train")
-    reports = [analyse_wrapper(code, label) for label, code in split_graphs(text)]
-    if not reports:
+    graphs = split_graphs(text)
+    if not graphs:
         raise SystemExit("no inductor wrapper found (a file written by --inductor_code or --save)")
-    print_report(reports, args.bandwidth)
+    if args.kernel_times:
+        matching = [(label, code) for label, code in graphs if label.startswith(args.graph)]
+        if len(matching) != 1:
+            raise SystemExit(f"--graph {args.graph!r} names {len(matching)} graphs; labels: "
+                             + "; ".join(label for label, _ in graphs))
+        with open(args.kernel_times) as handle:
+            rows, calls = kernel_times(matching[0][1], json.load(handle))
+        if not rows:
+            raise SystemExit(f"{args.kernel_times} times none of the kernels of {matching[0][0]}")
+        print_kernel_times(rows, calls, matching[0][0])
+        return
+    print_report([analyse_wrapper(code, label) for label, code in graphs], args.bandwidth)
 
 
 if __name__ == "__main__":

@@ -40,16 +40,22 @@ pack() { tar czf "$OUT/$1.tar.gz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"; }
 # What inductor generated (Triton traffic, layout copies at cuDNN calls), summarised into the output tail.
 report() { [ -s "$1/inductor-code.py" ] && python3 inductor_report.py "$1/inductor-code.py" > "$1/inductor-report.txt" 2>&1; \
   grep -E "^[^ ]|GB|ATen copies" "$1/inductor-report.txt" | head -${2:-40}; }
+# Each profiled sampling variant's Triton time and achieved bandwidth by category: its profile's kernel times
+# joined with the bytes its code moves (bandwidth-<variant>.txt also lists the longest kernels).
+bandwidth() { for k in "$1"/profile-sample-*.json; do [ -s "$k" ] || continue; v=${k#"$1/profile-sample-"}; \
+  v=${v%.json}; python3 inductor_report.py "$1/inductor-code.py" --kernel_times "$k" --graph "sample $v batch $2:" \
+  > "$1/bandwidth-$v.txt" 2>&1; sed '/longest/q' "$1/bandwidth-$v.txt"; done; }
 
 if part train; then
   D=$OUT/train
   # Variants in the order of what they decide, so that TRAIN_TIMEOUT cuts the least needed: the default (the
-  # 5,500 img/s target; GPU runs 3-4: 6,581 and 6,514), compile_tuning (+cdt: +10% for sampling in run 4; its
-  # tuning takes minutes, and run 4's timeout cut it during the first step), combo kernels, +aten-gn (the code
-  # session 5 measured, 4,405 img/s); last the A/Bs runs 3-4 settled (held weights +2.1%, reads threshold 6
-  # +3.9%, channels_last +25%). The diffusers baseline runs after the first variant.
+  # 5,500 img/s target; GPU runs 3-4: 6,581 and 6,514), GroupNorm statistics from per-channel ones
+  # (+channel-stats, session 16: offline, the forward moves 16% fewer bytes), compile_tuning (+cdt: +10% for
+  # sampling in run 4; its tuning takes minutes, and run 4's timeout cut it during the first step), combo
+  # kernels, +aten-gn (the code session 5 measured, 4,405 img/s); last the A/Bs runs 3-4 settled (held weights
+  # +2.1%, reads threshold 6 +3.9%, channels_last +25%). The diffusers baseline runs after the first variant.
   timeout ${TRAIN_TIMEOUT:-480} python3 train_throughput.py --config ../experiments/cifar10_ddpm.yaml \
-    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+cdt bf16-cl-compile-graph+combo bf16-cl-compile-graph+aten-gn bf16-cl-compile-graph+autocast-weights bf16-cl-compile-graph+reads4 bf16-compile-graph} \
+    --variants ${TRAIN_VARIANTS:-bf16-cl-compile-graph bf16-cl-compile-graph+channel-stats bf16-cl-compile-graph+cdt bf16-cl-compile-graph+combo bf16-cl-compile-graph+aten-gn bf16-cl-compile-graph+autocast-weights bf16-cl-compile-graph+reads4 bf16-compile-graph} \
     --diffusers ${TRAIN_DIFFUSERS:-bf16-cl} --warmup 25 --steps ${TRAIN_STEPS:-100} --profile_steps 5 \
     --profile_dir "$D" --attribute --inductor_code "$D/inductor-code.py" --json "$D/train.json" \
     --set --data.init_args.source=folder --data.init_args.data_dir="$DATA" \
@@ -62,13 +68,14 @@ if part sample; then
   # The diffusers baseline is its compiled, graphed loop, the best in issue #7's table (eager: 6,728 in run 3).
   # (+bench, cuDNN's autotuner on, gained 0.004% in session 5, so it left the defaults.) +cdt: compile_tuning,
   # +10% in GPU run 4 for about two minutes of tuning per variant (each variant's warm-up seconds are in the
-  # JSON), so it comes first, then what may close the last 6% to 30,000 on top of it: the one-kernel GroupNorm
-  # (11% slower untuned in run 3, its reads strided: one program per sample and group; the tuning may give a
-  # program several groups, whose channels are contiguous) and combo kernels (+1.5% in run 3); then the
-  # untuned default (about a minute). Without channels_last (session 5: the same speed; offline, inductor lays
-  # the NCHW graph out channels_last anyway) comes last, where SAMPLE_TIMEOUT may cut it.
+  # JSON), so it comes first, then what may close the last 6% to 30,000 on top of it: GroupNorm statistics
+  # from per-channel ones (session 16: offline 8% fewer bytes, and reads of whole pixels where run 4's
+  # statistics kernels ran at 1.5-2.3 TB/s, its pointwise ones at 2.7-3.1), tuned and untuned beside the
+  # untuned default; then the one-kernel GroupNorm (11% slower untuned in run 3, its reads strided) and combo
+  # kernels (+1.5% in run 3), both tuned. Without channels_last (session 5: the same speed; offline, inductor
+  # lays the NCHW graph out channels_last anyway) comes last, where SAMPLE_TIMEOUT may cut it.
   timeout ${SAMPLE_TIMEOUT:-540} python3 sample_throughput.py \
-    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph+cdt bf16-cl-compile-graph+one-kernel-gn+cdt bf16-cl-compile-graph+cdt+combo bf16-cl-compile-graph bf16-cl-compile-graph+autocast-weights bf16-compile-graph} \
+    --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph+cdt bf16-cl-compile-graph+channel-stats+cdt bf16-cl-compile-graph+channel-stats bf16-cl-compile-graph bf16-cl-compile-graph+one-kernel-gn+cdt bf16-cl-compile-graph+cdt+combo bf16-cl-compile-graph+autocast-weights bf16-compile-graph} \
     --diffusers ${SAMPLE_DIFFUSERS:-bf16-cl-compile-ro} --batch_size 512 --respacing 100 --num_batches 2 \
     --profile_dir "$D" --inductor_code "$D/inductor-code.py" --json "$D/sample.json" 2>&1 | tee "$D/sample.log" | grep -E "$filter"
   # The target reads "batch >= 512"; a larger batch fills the small 8x8 and 4x4 levels' GEMMs better (+3% at
@@ -80,6 +87,7 @@ if part sample; then
     --batch_size "$B" --respacing 100 --num_batches 2 --inductor_code "$D/inductor-code.py" \
     --json "$D/sample-$B.json" 2>&1 | tee "$D/sample-$B.log" | grep -E "$filter"
   report "$D" 20
+  bandwidth "$D" 512
   pack sample
 fi
 if part fid; then

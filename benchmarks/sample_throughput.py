@@ -29,7 +29,7 @@ from unittest import mock
 import torch
 
 from bench_common import (InductorCode, diffusers_unet, flops_per_forward, images_per_second, mode_autocast,
-                          print_table, synchronize, time_baselines, write_json)
+                          print_table, synchronize, time_baselines, write_json, write_profile)
 
 VARIANTS = {
     "fp32": dict(),
@@ -41,7 +41,7 @@ VARIANTS = {
     "bf16-cl-compile-ma-graph": dict(sample_precision="bf16-mixed", channels_last=True, compile=True,
                                      compile_mode="max-autotune-no-cudagraphs", cuda_graph=True),
 }
-SUFFIXES = ("+bench", "+one-kernel-gn", "+combo", "+autocast-weights", "+cdt")
+SUFFIXES = ("+bench", "+one-kernel-gn", "+channel-stats", "+combo", "+autocast-weights", "+cdt")
 DIFFUSERS_MODES = ("fp32", "bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
 
 
@@ -70,7 +70,8 @@ def variant_options(name: str) -> dict:
 @contextlib.contextmanager
 def variant_context(name: str):
     """What a variant's suffixes set while it runs: cuDNN's autotuner on for `+bench` (off otherwise), the
-    one-kernel GroupNorm for `+one-kernel-gn`, inductor's combo kernels for `+combo`, the weights cast at each
+    one-kernel GroupNorm for `+one-kernel-gn`, GroupNorm statistics from per-channel ones for `+channel-stats`
+    (GroupNorm32.channel_statistics), inductor's combo kernels for `+combo`, the weights cast at each
     call for `+autocast-weights` (`+cdt` is a module option: variant_options); the previous settings afterwards.
     Dynamo forgets earlier variants' code first, since its guards need not cover what a suffix changes."""
     import torch._inductor.config as inductor_config
@@ -84,6 +85,7 @@ def variant_context(name: str):
     torch.backends.cudnn.benchmark = "+bench" in suffixes
     try:
         with mock.patch.object(layers.GroupNorm32, "one_kernel_sampling", "+one-kernel-gn" in suffixes), \
+                mock.patch.object(layers.GroupNorm32, "channel_statistics", "+channel-stats" in suffixes), \
                 mock.patch.object(FastForward, "hold_weights", "+autocast-weights" not in suffixes), \
                 inductor_config.patch(combo_kernels="+combo" in suffixes or inductor_config.combo_kernels):
             yield
@@ -149,8 +151,7 @@ def profile_variant(module, batch_size: int, respacing: str, path: str) -> None:
         generate_uint8(module, range(batch_size), seed=2, batch_size=batch_size, respacing=respacing)
         synchronize(module.device)
     sort = "self_device_time_total" if module.device.type == "cuda" else "self_cpu_time_total"
-    with open(path, "w") as handle:
-        handle.write(profiler.key_averages().table(sort_by=sort, row_limit=40))
+    write_profile(profiler, path, sort, row_limit=40)
 
 
 def diffusers_forward(preset: str, mode: str, batch: int, iters: int, device: torch.device) -> float:

@@ -8,24 +8,41 @@ from ddpm_lightning.models import layers
 from ddpm_lightning.models.group_norm import group_norm, group_norm_act
 
 
+@pytest.mark.parametrize("channel_statistics", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
-def test_values_and_gradients_are_f_group_norms(channels_last, affine):
+def test_values_and_gradients_are_f_group_norms(channels_last, affine, channel_statistics):
+    """Statistics per group or combined from per-channel ones: F.group_norm's values and gradients."""
     torch.manual_seed(0)
-    x = torch.randn(3, 16, 5, 6, dtype=torch.float64) * 3 + 1
+    # Channels with means and spreads of their own, so that a group's variance is within and between channels.
+    x = torch.randn(3, 16, 5, 6, dtype=torch.float64) * (1 + 2 * torch.rand(16, 1, 1)) + 3 * torch.randn(16, 1, 1)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     weight = torch.randn(16, dtype=torch.float64, requires_grad=True) if affine else None
     bias = torch.randn(16, dtype=torch.float64, requires_grad=True) if affine else None
-    assert torch.autograd.gradcheck(lambda *a: group_norm(*a[:1], 4, *a[1:], eps=1e-5), (x, weight, bias))
+    norm = lambda x, weight, bias: group_norm(x, 4, weight, bias, 1e-5, channel_statistics)  # noqa: E731
+    assert torch.autograd.gradcheck(norm, (x, weight, bias))
 
     inputs = [t for t in (x, weight, bias) if t is not None]
-    ours, reference = group_norm(x, 4, weight, bias, 1e-5), F.group_norm(x, 4, weight, bias, 1e-5)
+    ours, reference = norm(x, weight, bias), F.group_norm(x, 4, weight, bias, 1e-5)
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
     upstream = torch.randn_like(ours)
     for got, want in zip(torch.autograd.grad(ours, inputs, upstream), torch.autograd.grad(reference, inputs, upstream)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("channel_statistics", [False, True])
+def test_float32_statistics_hold_a_mean_a_thousand_sigmas_from_zero(channel_statistics):
+    """A float32 x whose channels sit about 1000 standard deviations from zero, each at its own mean: both ways
+    normalise it as float64 does to 1e-3. Combined in float32, E_c[Var_c + mu_c^2] - mu_g^2 would cancel to
+    an error of about 1e-7 * 1000^2 of the variance (10%); channel_group_statistics combines in float64."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64) + 1000 + 0.5 * torch.randn(16, 1, 1, dtype=torch.float64)
+    reference = F.group_norm(x, 4, eps=1e-5)
+    ours = group_norm(x.float().contiguous(memory_format=torch.channels_last), 4, eps=1e-5,
+                      channel_statistics=channel_statistics)
+    torch.testing.assert_close(ours.double(), reference, rtol=0, atol=1e-3)
 
 
 def test_output_and_input_gradient_keep_channels_last():
@@ -156,3 +173,40 @@ def test_groupnorm32_samples_in_two_passes_by_default(monkeypatch):
     with torch.no_grad():
         torch.compile(norm, backend="aot_eager", fullgraph=True)(x)
     assert one_kernel == [] and two_pass == [1]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_groupnorm32_compiled_takes_channel_statistics_for_channels_last_where_asked(monkeypatch, backend):
+    """With channel_statistics on, the compiled GroupNorm of a channels_last x, with autograd (training) and
+    without (sampling), takes its statistics from channel_group_statistics, with the eager values and
+    gradients. An NCHW x (whose groups are contiguous already), and the default, keep the per-group ones."""
+    from ddpm_lightning.models import group_norm as group_norm_module
+
+    calls, real = [], group_norm_module.channel_group_statistics
+    monkeypatch.setattr(group_norm_module, "channel_group_statistics", lambda *a: calls.append(1) or real(*a))
+    _, norm, x = _spied_groupnorm32(monkeypatch, "group_norm")
+
+    def run(fn, x):
+        leaf = x.clone().requires_grad_(True)
+        out = fn(leaf)
+        out.float().square().sum().backward()
+        grads = leaf.grad, norm.weight.grad.clone()
+        norm.zero_grad()
+        with torch.no_grad():
+            return (out, *grads, fn(x))
+
+    assert not layers.GroupNorm32.channel_statistics
+    eager = run(norm, x)
+    torch._dynamo.reset()
+    run(torch.compile(norm, backend=backend, fullgraph=True), x)
+    assert calls == [], "the default took per-channel statistics"
+    monkeypatch.setattr(layers.GroupNorm32, "channel_statistics", True)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(norm, backend=backend, fullgraph=True), x)
+    assert len(calls) == 2, "training and sampling did not both take per-channel statistics"
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    calls.clear()
+    torch._dynamo.reset()
+    run(torch.compile(norm, backend=backend, fullgraph=True), x.contiguous())
+    assert calls == []
