@@ -17,8 +17,13 @@ that `--offline` generates here without one (offline_cuda_codegen.py), and print
   it is dense in the other layout, twice (for the data and the weight gradient) if it is not dense, as a
   channel slice is (aten/src/ATen/native/cudnn/ConvShared.cpp).
 
+With `--kernel_times` (the .json a benchmark writes beside each profile), one graph's Triton kernels instead,
+each with its device time in the profile and the bandwidth it achieved, summed per category.
+
     python benchmarks/inductor_report.py out/train/inductor-code.py
     python benchmarks/inductor_report.py --offline sample --preset ddpm_cifar10 --batch_size 512 --channels_last
+    python benchmarks/inductor_report.py out/sample/inductor-code.py \\
+        --kernel_times out/sample/profile-sample-bf16-cl-compile-graph.json --graph "sample bf16-cl-compile-graph batch 512:"
 """
 
 from __future__ import annotations
