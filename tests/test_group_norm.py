@@ -177,14 +177,17 @@ def test_groupnorm32_samples_in_two_passes_by_default(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_groupnorm32_compiled_takes_channel_statistics_for_channels_last_where_asked(monkeypatch, backend):
-    """With channel_statistics on, the compiled GroupNorm of a channels_last x, with autograd (training) and
-    without (sampling), takes its statistics from channel_group_statistics, with the eager values and
-    gradients. An NCHW x (whose groups are contiguous already), and the default, keep the per-group ones."""
+    """With channel_statistics on, the compiled GroupNorm of a channels_last x of 8x8 pixels, with autograd
+    (training) and without (sampling), takes its statistics from channel_group_statistics, with the eager
+    values and gradients. An NCHW x (whose groups are contiguous already), a 4x4 one (under
+    channel_statistics_min_pixels), and the default, keep the per-group ones."""
     from ddpm_lightning.models import group_norm as group_norm_module
 
     calls, real = [], group_norm_module.channel_group_statistics
     monkeypatch.setattr(group_norm_module, "channel_group_statistics", lambda *a: calls.append(1) or real(*a))
-    _, norm, x = _spied_groupnorm32(monkeypatch, "group_norm")
+    _, norm, small = _spied_groupnorm32(monkeypatch, "group_norm")
+    assert small.shape[2:] == (4, 4) and layers.GroupNorm32.channel_statistics_min_pixels == 64
+    x = torch.randn(2, 16, 8, 8).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
     def run(fn, x):
         leaf = x.clone().requires_grad_(True)
@@ -207,6 +210,7 @@ def test_groupnorm32_compiled_takes_channel_statistics_for_channels_last_where_a
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
     calls.clear()
-    torch._dynamo.reset()
-    run(torch.compile(norm, backend=backend, fullgraph=True), x.contiguous())
+    for other in (x.contiguous(), small):
+        torch._dynamo.reset()
+        run(torch.compile(norm, backend=backend, fullgraph=True), other)
     assert calls == []
