@@ -58,6 +58,17 @@ def test_channels_that_do_not_split_into_the_groups_are_refused():
         group_norm(torch.randn(1, 6, 2, 2), 4)
 
 
+def _forward_backward(fn, norm, x):
+    """fn(x) for an x that takes gradients, then x's and norm.weight's gradients of sum(out^2) (norm's zeroed
+    after)."""
+    leaf = x.clone().requires_grad_(True)
+    out = fn(leaf)
+    out.float().square().sum().backward()
+    grads = leaf.grad, norm.weight.grad.clone()
+    norm.zero_grad()
+    return out, *grads
+
+
 def _spied_groupnorm32(monkeypatch, name):
     """A GroupNorm32 with random affine weights, a bf16 channels_last input, and the list of calls it makes to
     `layers.<name>` (one entry per call)."""
@@ -77,18 +88,10 @@ def test_groupnorm32_takes_it_under_torch_compile_and_keeps_eager_on_aten(monkey
     Both give the same values and gradients, in float32 for a bf16 input; inductor's kernels (CPU ones here)
     compute what autograd's graph of it computes."""
     calls, norm, x = _spied_groupnorm32(monkeypatch, "group_norm")
-
-    def run(fn):
-        leaf = x.clone().requires_grad_(True)
-        out = fn(leaf)
-        out.float().square().sum().backward()
-        return out, leaf.grad, norm.weight.grad.clone()
-
-    eager = run(norm)
+    eager = _forward_backward(norm, norm, x)
     assert calls == []
-    norm.zero_grad()
     torch._dynamo.reset()
-    compiled = run(torch.compile(norm, backend=backend, fullgraph=True))
+    compiled = _forward_backward(torch.compile(norm, backend=backend, fullgraph=True), norm, x)
     assert calls, "torch.compile did not take the written-out GroupNorm"
     assert compiled[0].dtype == torch.bfloat16
     for got, want in zip(compiled, eager):
@@ -189,14 +192,10 @@ def test_groupnorm32_compiled_takes_channel_statistics_for_channels_last_where_a
     assert small.shape[2:] == (4, 4) and layers.GroupNorm32.channel_statistics_min_pixels == 64
     x = torch.randn(2, 16, 8, 8).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
-    def run(fn, x):
-        leaf = x.clone().requires_grad_(True)
-        out = fn(leaf)
-        out.float().square().sum().backward()
-        grads = leaf.grad, norm.weight.grad.clone()
-        norm.zero_grad()
+    def run(fn, x):  # training, then sampling
         with torch.no_grad():
-            return (out, *grads, fn(x))
+            sampled = fn(x)
+        return (*_forward_backward(fn, norm, x), sampled)
 
     assert not layers.GroupNorm32.channel_statistics
     eager = run(norm, x)
