@@ -270,7 +270,7 @@ def main() -> None:
     parser.add_argument("--kernel_times", default=None,
                         help="a profile's device times by kernel (the .json beside a profile-*.txt): each Triton "
                              "kernel's time and achieved bandwidth in the graph --graph names")
-    parser.add_argument("--graph", default=None, help="with --kernel_times: the graph whose label starts so, "
+    parser.add_argument("--graph", default=None, help="with --kernel_times: the graphs whose labels start so, "
                                                       "e.g. 'sample bf16-cl-compile-graph+cdt batch 512:'")
     args = parser.parse_args()
     if args.kernel_times and not args.graph:
@@ -301,15 +301,18 @@ def main() -> None:
     if not graphs:
         raise SystemExit("no inductor wrapper found (a file written by --inductor_code or --save)")
     if args.kernel_times:
+        # A variant may compile several graphs (sampling: the network, and the seeded noise's draw); each one.
         matching = [(label, code) for label, code in graphs if label.startswith(args.graph)]
-        if len(matching) != 1:
-            raise SystemExit(f"--graph {args.graph!r} names {len(matching)} graphs; labels: "
-                             + "; ".join(label for label, _ in graphs))
+        if not matching:
+            raise SystemExit(f"--graph {args.graph!r} names no graph; labels: " + "; ".join(label for label, _ in graphs))
         with open(args.kernel_times) as handle:
-            rows, calls = kernel_times(matching[0][1], json.load(handle))
-        if not rows:
-            raise SystemExit(f"{args.kernel_times} times none of the kernels of {matching[0][0]}")
-        print_kernel_times(rows, calls, matching[0][0])
+            times = json.load(handle)
+        joined = [(label, *kernel_times(code, times)) for label, code in matching]
+        if not any(rows for _, rows, _ in joined):
+            raise SystemExit(f"{args.kernel_times} times none of the kernels of {args.graph!r}")
+        for label, rows, calls in joined:
+            if rows:
+                print_kernel_times(rows, calls, label)
         return
     print_report([analyse_wrapper(code, label) for label, code in graphs], args.bandwidth)
 

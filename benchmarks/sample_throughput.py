@@ -9,8 +9,9 @@ runs with cuDNN's autotuner on (`torch.backends.cudnn.benchmark`, which `ddpm fi
 Trainer but the sampling commands leave at torch's default, off). The suffix `+one-kernel-gn` compiles each
 GroupNorm with what follows it as one kernel (`group_norm_act`, the default from session 9 until GPU run 3
 measured it slower), `+combo` with inductor's combo kernels, `+autocast-weights` with the weights cast by
-autocast at every call, as before session 10 (the A/B for `accel/held_weights.py`), and `+cdt` with the module's
-`compile_tuning` (inductor's coordinate-descent tuning of each Triton kernel). Suffixes combine
+autocast at every call, as before session 10 (the A/B for `accel/held_weights.py`), `+eager-noise` with the seeded
+noise drawn eagerly where the module compiles it (the A/B for session 17's compiled draw), and `+cdt` with the
+module's `compile_tuning` (inductor's coordinate-descent tuning of each Triton kernel). Suffixes combine
 (`bf16-cl-compile-graph+one-kernel-gn+cdt`). The diffusers baselines run right after the first variant, so that a
 run stopped at its time limit still has the ratio.
 
@@ -41,7 +42,7 @@ VARIANTS = {
     "bf16-cl-compile-ma-graph": dict(sample_precision="bf16-mixed", channels_last=True, compile=True,
                                      compile_mode="max-autotune-no-cudagraphs", cuda_graph=True),
 }
-SUFFIXES = ("+bench", "+one-kernel-gn", "+channel-stats", "+combo", "+autocast-weights", "+cdt")
+SUFFIXES = ("+bench", "+one-kernel-gn", "+channel-stats", "+combo", "+autocast-weights", "+eager-noise", "+cdt")
 DIFFUSERS_MODES = ("fp32", "bf16", "bf16-cl", "bf16-cl-compile", "bf16-cl-compile-ro")
 
 
@@ -72,11 +73,13 @@ def variant_context(name: str):
     """What a variant's suffixes set while it runs: cuDNN's autotuner on for `+bench` (off otherwise), the
     one-kernel GroupNorm for `+one-kernel-gn`, GroupNorm statistics from per-channel ones for `+channel-stats`
     (GroupNorm32.channel_statistics), inductor's combo kernels for `+combo`, the weights cast at each
-    call for `+autocast-weights` (`+cdt` is a module option: variant_options); the previous settings afterwards.
+    call for `+autocast-weights`, the noise drawn eagerly for `+eager-noise` (`+cdt` is a module option:
+    variant_options); the previous settings afterwards.
     Dynamo forgets earlier variants' code first, since its guards need not cover what a suffix changes."""
     import torch._inductor.config as inductor_config
 
     from ddpm_lightning.accel import FastForward
+    from ddpm_lightning.diffusion import SeededNoise
     from ddpm_lightning.models import layers
 
     suffixes = variant_parts(name)[1]
@@ -87,6 +90,7 @@ def variant_context(name: str):
         with mock.patch.object(layers.GroupNorm32, "one_kernel_sampling", "+one-kernel-gn" in suffixes), \
                 mock.patch.object(layers.GroupNorm32, "channel_statistics", "+channel-stats" in suffixes), \
                 mock.patch.object(FastForward, "hold_weights", "+autocast-weights" not in suffixes), \
+                mock.patch.object(SeededNoise, "compiled_draws", "+eager-noise" not in suffixes), \
                 inductor_config.patch(combo_kernels="+combo" in suffixes or inductor_config.combo_kernels):
             yield
     finally:
@@ -118,6 +122,19 @@ def relative_error(module, reference, batch_size: int) -> float:
     fast = module.eval_model()(x, t).float()
     exact = reference.eval_model()(x, t).float()
     return float((fast - exact).norm() / exact.norm())
+
+
+@torch.no_grad()
+def noise_difference(module, batch_size: int) -> float:
+    """max |drawn as sampling draws it - drawn eagerly| of one seeded noise batch: 0 unless the module compiles
+    the draw (then Box–Muller's float32 log, cos and sin may round differently; the integer words may not)."""
+    from ddpm_lightning.sampling import per_sample_noise
+
+    hp = module.hparams
+    shape = (batch_size, hp.in_channels, hp.image_size, hp.image_size)
+    fast = per_sample_noise(0, range(batch_size), module.device, compile=bool(hp.compile)).randn(shape)
+    eager = per_sample_noise(0, range(batch_size), module.device).randn(shape)
+    return float((fast - eager).abs().max())
 
 
 def time_variant(module, batch_size: int, num_batches: int, respacing: str) -> tuple[float, float]:
@@ -215,6 +232,7 @@ def main() -> None:
                 rate, warmup = time_variant(module, args.batch_size, args.num_batches, args.respacing)
                 # After timing, so the comparison runs on the captured graph (the batch shape is the same).
                 records[name] = {"images_per_s": rate, "rel_error": relative_error(module, reference, args.batch_size),
+                                 "noise_max_diff": noise_difference(module, args.batch_size),
                                  "warmup_s": warmup, "cudnn_benchmark": torch.backends.cudnn.benchmark}
                 if args.profile_dir:
                     profile_variant(module, args.batch_size, args.respacing,
@@ -226,7 +244,7 @@ def main() -> None:
             traceback.print_exc()
             continue
         print(f"[sample] {name}: {rate:.0f} forward img/s, relative error vs fp32 {records[name]['rel_error']:.1e}, "
-              f"warm-up {warmup:.0f} s", flush=True)
+              f"noise vs eager {records[name]['noise_max_diff']:.1e}, warm-up {warmup:.0f} s", flush=True)
         del module
     diffusers_baselines(pending, records, args, device, code)
     flops = flops_per_forward(args.preset, args.image_size, args.in_channels)

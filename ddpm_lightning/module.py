@@ -72,6 +72,7 @@ class DiffusionModule(L.LightningModule):
             (faster convolutions on tensor-core GPUs).
         compile, compile_mode: on CUDA devices, torch.compile the network (training and sampling),
             block by block if the whole network fails to compile; compile_mode is torch.compile's mode.
+            Sampling's seeded noise draws are compiled too (diffusion/seeded_noise.py).
         compile_tuning: with compile, tune each generated Triton kernel's block sizes by timing it at its
             first launch (inductor's coordinate-descent tuning): +10% sampling forwards on an H100, for about
             two minutes of one-off tuning per network and batch shape, cached by inductor on the machine. For

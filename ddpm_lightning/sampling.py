@@ -39,10 +39,11 @@ def sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def per_sample_noise(seed: int, indices: Sequence[int], device: torch.device) -> SeededNoise:
-    """Noise drawn on `device` in which image i depends on (seed, i) only, whatever the batch or rank."""
+def per_sample_noise(seed: int, indices: Sequence[int], device: torch.device, compile: bool = False) -> SeededNoise:
+    """Noise drawn on `device` in which image i depends on (seed, i) only, whatever the batch or rank;
+    compiled on CUDA with `compile` (SeededNoise)."""
     seeds = [sample_seed(seed, int(i)) for i in indices]
-    return SeededNoise(torch.tensor(seeds, dtype=torch.int64, device=device))
+    return SeededNoise(torch.tensor(seeds, dtype=torch.int64, device=device), compile=compile)
 
 
 def sample_labels(num_classes: int, generators: Union[SeededNoise, Sequence[Optional[torch.Generator]]]) -> Tensor:
@@ -102,7 +103,8 @@ def generate_uint8(
     starts = range(0, len(indices), batch_size)
     for start in tqdm(starts, desc="batches", disable=not progress):
         chunk = list(indices[start:start + batch_size])
-        noise = per_sample_noise(seed, chunk, module.device)
+        # The module's compile covers the noise too: ~80 eager launches a step otherwise (seeded_noise.py).
+        noise = per_sample_noise(seed, chunk, module.device, compile=bool(module.hparams.compile))
         y = None
         if module.hparams.class_cond:
             y = sample_labels(module.hparams.num_classes, noise)

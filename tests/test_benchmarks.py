@@ -139,6 +139,7 @@ def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monke
     from sample_throughput import variant_context, variant_name, variant_options
 
     from ddpm_lightning.accel import FastForward
+    from ddpm_lightning.diffusion import SeededNoise
     from ddpm_lightning.models import build_unet, layers
 
     calls = []
@@ -165,7 +166,10 @@ def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monke
             assert FastForward(build_unet("tiny", image_size=8, in_channels=1), "bf16-mixed").held is None
         with variant_context(variant_name("bf16-cl-compile-graph+channel-stats+cdt")):
             assert layers.GroupNorm32.channel_statistics and not layers.GroupNorm32.one_kernel_sampling
-            assert FastForward.hold_weights and not inductor_config.combo_kernels
+            assert FastForward.hold_weights and not inductor_config.combo_kernels and SeededNoise.compiled_draws
+        with variant_context(variant_name("bf16-cl-compile-graph+eager-noise")):
+            assert not SeededNoise.compiled_draws and FastForward.hold_weights
+            assert not layers.GroupNorm32.channel_statistics
         assert variant_options("bf16-cl-compile-graph+cdt") == {**variant_options("bf16-cl-compile-graph"),
                                                                 "compile_tuning": True}
         assert "compile_tuning" not in variant_options("bf16-cl-compile-graph+combo")
@@ -180,7 +184,7 @@ def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monke
     assert torch.backends.cudnn.benchmark == benchmark and not layers.GroupNorm32.one_kernel_sampling
     assert not layers.GroupNorm32.channel_statistics
     assert not inductor_config.combo_kernels and not inductor_config.coordinate_descent_tuning
-    assert FastForward.hold_weights
+    assert FastForward.hold_weights and SeededNoise.compiled_draws
     for bad in ("bf16-cl-compile-graph+fast", "bf16-cl-compile-graph+cdt+cdt", "bf16-cl-compiled"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"unknown variant .* suffixes \+bench"):
             variant_name(bad)
@@ -196,6 +200,7 @@ def test_sample_throughput_compares_each_fast_path_with_fp32(tmp_path):
     # beside it, device time by kernel for inductor_report.py --kernel_times (none on a CPU)
     assert json.loads((tmp_path / "profile-sample-fp32.json").read_text()) == {}
     assert results["fp32"]["rel_error"] == 0.0
+    assert results["bf16-cl-graph"]["noise_max_diff"] == 0.0  # not compiled: the sampling noise is the eager draw
     # +bench: the same variant, timed with cuDNN's autotuner on, and only that one
     assert results["fp32+bench"]["cudnn_benchmark"] and not results["fp32"]["cudnn_benchmark"]
     assert results["fp32+bench"]["rel_error"] == 0.0
@@ -316,16 +321,28 @@ def test_inductor_report_joins_a_profiles_kernel_times_with_the_codes_bytes(tmp_
     assert stats.category == "GroupNorm statistics" and stats.bytes / stats.seconds == pytest.approx(1e12)
     assert kernel_times(SYNTHETIC_WRAPPER, {"aten::mm": times["aten::mm"]}) == ([], 0.0)
 
-    (tmp_path / "code.py").write_text(SYNTHETIC_WRAPPER)
+    # A variant's second graph (sampling's: the seeded noise draw, 101 calls a batch) is joined on its own.
+    noise_graph = """
+# ===== train demo: graph 2
+triton_poi_fused_stack_0 = async_compile.triton('triton_poi_fused_stack_0', '''
+    inductor_meta={'kernel_name': 'triton_poi_fused_stack_0', 'kernel_num_gb': 0.0126}
+''', device_str='cuda')
+def call(args):
+    triton_poi_fused_stack_0.run(buf0, 8, stream=stream0)
+"""
+    times["triton_poi_fused_stack_0"] = {"calls": 101, "device_us": 808.0}
+    (tmp_path / "code.py").write_text(SYNTHETIC_WRAPPER + noise_graph)
     (tmp_path / "times.json").write_text(json.dumps(times))
     script = [sys.executable, str(ROOT / "benchmarks" / "inductor_report.py"), str(tmp_path / "code.py"),
               "--kernel_times", str(tmp_path / "times.json")]
     out = subprocess.run(script + ["--graph", "train demo:"], capture_output=True, text=True, check=True).stdout
-    assert "10 calls of the graph" in out
+    assert "train demo: graph 1: Triton kernels timed in 10 calls of the graph" in out
     assert re.search(r"other elementwise +2 +0\.27 +0\.27 +1\.00", out), out
     assert re.search(r"all Triton kernels +4 +0\.34 +0\.34 ", out), out
+    assert "train demo: graph 2: Triton kernels timed in 101 calls of the graph" in out
+    assert re.search(r"all Triton kernels +1 +0\.01 +0\.01 +1\.57", out), out  # 12.6 MB in 8 us
     wrong = subprocess.run(script + ["--graph", "sample"], capture_output=True, text=True)
-    assert wrong.returncode != 0 and "names 0 graphs; labels: train demo: graph 1" in wrong.stderr
+    assert wrong.returncode != 0 and "names no graph; labels: train demo: graph 1; train demo: graph 2" in wrong.stderr
 
 
 def test_inductor_report_tells_a_one_pass_groupnorm_from_its_statistics():

@@ -116,3 +116,17 @@ def test_class_conditional_images_and_labels_depend_on_the_sample_index_only():
     part_images, part_labels = generate_uint8(module, [3, 4], seed=3, batch_size=5, respacing="4")
     assert torch.equal(images[3:], part_images) and torch.equal(labels[3:], part_labels)
     assert labels.device.type == "cpu" and len(set(labels.tolist())) > 1
+
+
+def test_a_compiling_module_compiles_its_seeded_noise_too(monkeypatch):
+    """The ~80 elementwise ops of each step's draw are fused where the network is compiled (on CUDA)."""
+    from ddpm_lightning import sampling
+    from ddpm_lightning.diffusion import SeededNoise
+    from ddpm_lightning.module import DiffusionModule
+
+    made = []
+    monkeypatch.setattr(sampling, "SeededNoise", lambda seeds, compile: made.append(compile) or SeededNoise(seeds, compile))
+    for compile in (False, True):
+        module = DiffusionModule(net="tiny", image_size=8, in_channels=1, compile=compile)
+        sampling.generate_uint8(module, range(3), seed=0, batch_size=2, respacing="2")
+    assert made == [False, False, True, True]  # a noise per batch of 2

@@ -1,11 +1,14 @@
 """SeededNoise: normal statistics, independence, per-row purity, the counter, integer-only bits, compile."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from ddpm_lightning.diffusion.seeded_noise import MASK32, SeededNoise, lowbias32
+from ddpm_lightning.diffusion import seeded_noise
+from ddpm_lightning.diffusion.seeded_noise import MASK32, SeededNoise, lowbias32, normal_draw
 from ddpm_lightning.sampling import sample_seed
 
 # Raw small seeds are the hard case for a hash (they differ in a bit or two); derived seeds are the real one.
@@ -128,6 +131,59 @@ def test_compiled_draws_match_eager_and_advance_the_counter():
     for step in range(2):
         assert torch.equal(draw(), eager.randn((5, 2, 3, 3)))
         assert int(compiled.counter) == step + 1
+
+
+def test_compile_draws_through_torch_compile_on_cuda_devices_only(monkeypatch):
+    """What sampling with a compiled module does: each draw one compiled call, the same noise, the counter kept."""
+    shapes = []
+
+    def compiled_draw():  # the real one is torch.compile(normal_draw) with inductor (next test)
+        traced = torch.compile(normal_draw, backend="aot_eager", fullgraph=True)  # fullgraph: no break, no sync
+        return lambda keys, counter, shape: shapes.append(shape) or traced(keys, counter, shape)
+
+    monkeypatch.setattr(seeded_noise, "compiled_normal_draw", compiled_draw)
+    seeds = torch.arange(3)
+    assert torch.equal(SeededNoise(seeds, compile=True).randn((3, 4)), SeededNoise(seeds).randn((3, 4)))
+    assert shapes == []  # on the CPU, compile changes nothing
+    monkeypatch.setattr(SeededNoise, "device", property(lambda self: torch.device("cuda")))
+    compiled, eager = SeededNoise(seeds, compile=True), SeededNoise(seeds)
+    for step in range(2):
+        assert torch.equal(compiled.randn((3, 2, 3)), eager.randn((3, 2, 3)))
+        assert int(compiled.counter) == step + 1
+    assert shapes == [(3, 2, 3)] * 2
+    assert torch.equal(compiled.randint(7), eager.randint(7))  # integers stay eager, after the same counter
+    assert torch.equal(SeededNoise(seeds).randn((3, 5)), SeededNoise(seeds, compile=False).randn((3, 5)))
+    monkeypatch.setattr(SeededNoise, "compiled_draws", False)  # the benchmarks' A/B: eager draws
+    SeededNoise(seeds, compile=True).randn((3, 2, 3))
+    assert len(shapes) == 2
+
+
+def test_a_draw_that_fails_to_compile_is_drawn_eagerly_with_a_warning(monkeypatch):
+    def broken():
+        def draw(*args):
+            raise RuntimeError("triton: no compiler\nmore detail")
+        return draw
+
+    monkeypatch.setattr(seeded_noise, "compiled_normal_draw", broken)
+    monkeypatch.setattr(SeededNoise, "device", property(lambda self: torch.device("cuda")))
+    noise = SeededNoise(torch.arange(2), compile=True)
+    with pytest.warns(UserWarning, match=r"seeded noise draw failed to compile \(triton: no compiler\); it runs eagerly"):
+        first = noise.randn((2, 6))
+    assert torch.equal(first, SeededNoise(torch.arange(2)).randn((2, 6))) and int(noise.counter) == 1
+    assert not noise.compile  # once: the next draws go straight to the eager ops
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on a CPU")
+def test_inductor_compiles_the_draw_to_the_same_noise():
+    """The integer words exactly (a different word would move a normal by O(1)); the float32 log, cos and sin
+    of Box–Muller to an ulp or two (about 25 s of inductor's C++ compilation on 2 cores)."""
+    noise = SeededNoise(torch.tensor([sample_seed(5, i) for i in range(4)]))
+    noise.counter.fill_(7)
+    compiled = seeded_noise.compiled_normal_draw()(noise.keys, noise.counter, (4, 3, 5, 5))
+    eager = normal_draw(noise.keys, noise.counter, (4, 3, 5, 5))
+    assert compiled.shape == eager.shape == (4, 3, 5, 5)
+    assert float((compiled - eager).abs().max()) < 4 * torch.finfo(torch.float32).eps * float(eager.abs().max())
 
 
 def test_bad_arguments_are_named():
