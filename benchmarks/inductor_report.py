@@ -304,7 +304,8 @@ def main() -> None:
         # A variant may compile several graphs (sampling: the network, and the seeded noise's draw); each one.
         matching = [(label, code) for label, code in graphs if label.startswith(args.graph)]
         if not matching:
-            raise SystemExit(f"--graph {args.graph!r} names no graph; labels: " + "; ".join(label for label, _ in graphs))
+            raise SystemExit(f"--graph {args.graph!r} names no graph; labels: "
+                             + "; ".join(label for label, _ in graphs))
         with open(args.kernel_times) as handle:
             times = json.load(handle)
         joined = [(label, *kernel_times(code, times)) for label, code in matching]

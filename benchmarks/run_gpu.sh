@@ -73,8 +73,9 @@ if part sample; then
   # statistics kernels ran at 1.5-2.3 TB/s, its pointwise ones at 2.7-3.1), tuned and untuned beside the
   # untuned default, and that default with the seeded noise drawn eagerly (+eager-noise: the A/B for session
   # 17's compiled draw, about 80 launches a step fewer); then the one-kernel GroupNorm (11% slower untuned in
-  # run 3, its reads strided) and combo kernels (+1.5% in run 3), both tuned. Without channels_last (session 5: the same speed; offline, inductor
-  # lays the NCHW graph out channels_last anyway) comes last, where SAMPLE_TIMEOUT may cut it.
+  # run 3, its reads strided) and combo kernels (+1.5% in run 3), both tuned. Without channels_last (session 5:
+  # the same speed; offline, inductor lays the NCHW graph out channels_last anyway) comes last, where
+  # SAMPLE_TIMEOUT may cut it.
   timeout ${SAMPLE_TIMEOUT:-540} python3 sample_throughput.py \
     --variants ${SAMPLE_VARIANTS:-bf16-cl-compile-graph+cdt bf16-cl-compile-graph+channel-stats+cdt bf16-cl-compile-graph+channel-stats bf16-cl-compile-graph bf16-cl-compile-graph+eager-noise bf16-cl-compile-graph+one-kernel-gn+cdt bf16-cl-compile-graph+cdt+combo bf16-cl-compile-graph+autocast-weights bf16-compile-graph} \
     --diffusers ${SAMPLE_DIFFUSERS:-bf16-cl-compile-ro} --batch_size 512 --respacing 100 --num_batches 2 \

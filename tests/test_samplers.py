@@ -125,7 +125,8 @@ def test_a_compiling_module_compiles_its_seeded_noise_too(monkeypatch):
     from ddpm_lightning.module import DiffusionModule
 
     made = []
-    monkeypatch.setattr(sampling, "SeededNoise", lambda seeds, compile: made.append(compile) or SeededNoise(seeds, compile))
+    monkeypatch.setattr(sampling, "SeededNoise",
+                        lambda seeds, compile: made.append(compile) or SeededNoise(seeds, compile))
     for compile in (False, True):
         module = DiffusionModule(net="tiny", image_size=8, in_channels=1, compile=compile)
         sampling.generate_uint8(module, range(3), seed=0, batch_size=2, respacing="2")

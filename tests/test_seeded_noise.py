@@ -167,7 +167,8 @@ def test_a_draw_that_fails_to_compile_is_drawn_eagerly_with_a_warning(monkeypatc
     monkeypatch.setattr(seeded_noise, "compiled_normal_draw", broken)
     monkeypatch.setattr(SeededNoise, "device", property(lambda self: torch.device("cuda")))
     noise = SeededNoise(torch.arange(2), compile=True)
-    with pytest.warns(UserWarning, match=r"seeded noise draw failed to compile \(triton: no compiler\); it runs eagerly"):
+    failed = r"seeded noise draw failed to compile \(triton: no compiler\); it runs eagerly"
+    with pytest.warns(UserWarning, match=failed):
         first = noise.randn((2, 6))
     assert torch.equal(first, SeededNoise(torch.arange(2)).randn((2, 6))) and int(noise.counter) == 1
     assert not noise.compile  # once: the next draws go straight to the eager ops

@@ -12,7 +12,7 @@ function is Wellons' lowbias32 integer hash (hash-prospector), and each row's ro
 from that row's 64-bit seed. Box–Muller turns the two 32-bit words of a block into two standard normals.
 Everything before the float conversion is integer arithmetic on int64 tensors, kept below 2^63 so that
 it never overflows. The bits are therefore identical on CPU and CUDA, eager or compiled; only the
-float32 log/cos/sin at the end may differ by an ulp between devices.
+float32 log/cos/sin at the end may differ by an ulp or two between devices, or between eager and compiled.
 
 A draw is about 80 elementwise ops on [N, numel / 2] tensors. Run one by one on a GPU that is ~80 kernel
 launches a sampling step, each a few microseconds (GPU runs 3-4's profiles: bitwise_xor alone 25 a step at
