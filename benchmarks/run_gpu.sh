@@ -40,11 +40,12 @@ pack() { tar czf "$OUT/$1.tar.gz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"; }
 # What inductor generated (Triton traffic, layout copies at cuDNN calls), summarised into the output tail.
 report() { [ -s "$1/inductor-code.py" ] && python3 inductor_report.py "$1/inductor-code.py" > "$1/inductor-report.txt" 2>&1; \
   grep -E "^[^ ]|GB|ATen copies" "$1/inductor-report.txt" | head -${2:-40}; }
-# Each profiled sampling variant's Triton time and achieved bandwidth by category: its profile's kernel times
-# joined with the bytes its code moves (bandwidth-<variant>.txt also lists the longest kernels).
+# Each profiled sampling variant's Triton time and achieved bandwidth by category, per compiled graph (the network
+# and the noise draw): its profile's kernel times joined with the bytes its code moves (bandwidth-<variant>.txt
+# also lists the longest kernels; the output tail keeps the category tables).
 bandwidth() { for k in "$1"/profile-sample-*.json; do [ -s "$k" ] || continue; v=${k#"$1/profile-sample-"}; \
   v=${v%.json}; python3 inductor_report.py "$1/inductor-code.py" --kernel_times "$k" --graph "sample $v batch $2:" \
-  > "$1/bandwidth-$v.txt" 2>&1; sed '/longest/q' "$1/bandwidth-$v.txt"; done; }
+  > "$1/bandwidth-$v.txt" 2>&1; grep -Ev '^    [^ ]' "$1/bandwidth-$v.txt"; done; }
 
 if part train; then
   D=$OUT/train
