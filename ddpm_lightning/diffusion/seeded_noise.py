@@ -16,7 +16,7 @@ float32 log/cos/sin at the end may differ by an ulp or two between devices, or b
 
 A draw is about 80 elementwise ops on [N, numel / 2] tensors. Run one by one on a GPU that is ~80 kernel
 launches a sampling step, each a few microseconds (GPU runs 3-4's profiles: bitwise_xor alone 25 a step at
-3.3-3.6 us), about 0.25 ms against a compiled DDPM CIFAR-10 forward's 18 ms at batch 512. With `compile`,
+3.3-3.6 us), about 0.27 ms against a compiled DDPM CIFAR-10 forward's 17.8 ms at batch 512. With `compile`,
 a draw on a CUDA device runs through torch.compile instead: two kernels (the words with Box–Muller, and
 the interleaving of its pairs) and the counter's increment. The integer ops are exact either way.
 """
