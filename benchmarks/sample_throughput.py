@@ -142,12 +142,11 @@ def time_variant(module, batch_size: int, num_batches: int, respacing: str) -> t
     before them (compilation, kernel tuning, graph capture: what an evaluation pays once)."""
     from ddpm_lightning.sampling import generate_uint8
 
+    steps = module.diffusion.respace(respacing).num_timesteps
     start = time.perf_counter()
     generate_uint8(module, range(batch_size), seed=1, batch_size=batch_size, respacing="5")  # warm-up, capture
-    synchronize(module.device)
+    synchronize(module.device)  # the warm-up's end, and the timed batches' start
     warmup = time.perf_counter() - start
-    steps = module.diffusion.respace(respacing).num_timesteps
-    synchronize(module.device)
     start = time.perf_counter()
     images, _ = generate_uint8(module, range(batch_size * num_batches), seed=0, batch_size=batch_size,
                                respacing=respacing)

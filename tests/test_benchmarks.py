@@ -131,9 +131,10 @@ def test_the_layout_report_names_a_weight_whose_gradient_arrives_in_another_layo
 def test_a_sampling_variants_suffix_sets_its_setting_for_that_variant_only(monkeypatch):
     """+bench turns cuDNN's autotuner on; +one-kernel-gn compiles sampling's GroupNorm through group_norm_act
     (statistics and output in one kernel) where the default takes two passes, so one run can time the two;
-    +channel-stats takes GroupNorm's statistics from per-channel ones; +combo turns on inductor's combo kernels; +autocast-weights leaves a UNet's weights to autocast's casts at
-    every call; +cdt sets the module's compile_tuning. Suffixes combine; a name that is not a base
-    and suffixes is refused in one line that lists them."""
+    +channel-stats takes GroupNorm's statistics from per-channel ones; +combo turns on inductor's combo kernels;
+    +autocast-weights leaves a UNet's weights to autocast's casts at every call; +cdt sets the module's
+    compile_tuning. Suffixes combine; a name that is not a base and suffixes is refused in one line that lists
+    them."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch._inductor.config as inductor_config
     from sample_throughput import variant_context, variant_name, variant_options
